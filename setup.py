@@ -1,0 +1,34 @@
+"""remem_jax: making strong pretrained Vision Transformers good teachers for small models."""
+import setuptools
+
+setuptools.setup(
+    name="remem_jax",
+    version="0.1.0",
+    description=("ReMem teacher fine-tuning, WeCoLoRA and TinyMIM-style distillation of "
+                 "AugReg Vision Transformers in JAX/Flax."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["remem_jax", "remem_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8.5",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6.0",
+        "ml-collections>=0.1.1",
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "chex>=0.1.86",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.8",
+        "clu>=0.0.12",
+        "tensorboard>=2.16",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    },
+)
