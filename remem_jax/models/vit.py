@@ -1,0 +1,402 @@
+"""Vision Transformer whose parameter tree is the raw AugReg npz tree.
+
+The module names are the pre-Linen names the released checkpoints use
+(`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
+LayerNorm_2, MlpBlock_3}`, `embedding`, `cls`, `Transformer/posembed_input`,
+`Transformer/encoder_norm`, optional `pre_logits`, `head`), so an npz loads with
+no renaming and a saved tree is a valid AugReg npz. The architecture follows
+vit_jax `models_vit.py`: pre-LayerNorm blocks, LayerNorm epsilon 1e-6,
+tanh-approximate GELU, class-token classifier, NHWC images in [-1, 1].
+
+Beyond the plain model it carries the knobs the ReMem analyses need, all of
+which default to the unmodified network:
+  * `mlp_alpha` / `attn_beta`: ReMem reweighting per block,
+    `h' = r(beta) * h + beta * Attn(LN(h))`, `h_out = r(alpha) * h' + alpha * MLP(LN(h'))`
+    with `r(a) = 2 - a` (`residual_mode='two_minus'`) or `1 / a` (`'inverse'`).
+  * `prune_attn` / `prune_mlp`: block indices whose attention / MLP branch is skipped.
+  * `adapter_dim`: Houlsby bottleneck adapters after each attention and MLP branch.
+
+Intermediate values are recorded with `Module.sow` into separate collections, so
+a caller pays only for what it asks for by making that collection mutable:
+
+  logits, state = model.apply({'params': params}, images,
+                              mutable=['tokens', 'mlp_hidden'])
+  values = collect_intermediates(state)   # {'tokens': [L arrays], ...}
+
+Collections: `tokens` (the output of every block, then `encoded`: all tokens
+after encoder_norm), `attention` (softmax probabilities `[B, heads, N, N]` per
+block), `qkv` (per-head `query`, `key`, `value` `[B, N, heads, head_dim]` per
+block), `mlp_hidden` (activations after GELU `[B, N, mlp_dim]` per block) and
+`pre_logits` (the pooled representation the head reads). Under `jax.jit`, sown
+values that the caller drops are removed by dead-code elimination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+BlockFactor = Union[float, Sequence[float]]
+
+# The published AugReg / ViT variants (vit_jax configs/models.py).
+VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
+    "S": dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12),
+    "B": dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
+    "L": dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
+}
+INTERMEDIATE_COLLECTIONS = ("tokens", "attention", "qkv", "mlp_hidden", "pre_logits")
+RESIDUAL_MODES = ("two_minus", "inverse")
+LAYERNORM_EPSILON = 1e-6
+
+
+def variant_config(name: str) -> dict[str, int]:
+    """Architecture of a named variant such as `B_16`, `S_32` or `Ti_16`.
+
+    Args:
+      name: `{Ti,S,B,L}_{patch}`.
+
+    Returns:
+      The keyword arguments of `VisionTransformer` that fix the architecture.
+    """
+    match = re.fullmatch(r"(Ti|S|B|L)[_/](\d+)", name)
+    if match is None:
+        known = ", ".join(f"{v}_16" for v in VARIANTS) + ", S_32, B_32"
+        raise ValueError(f"Unknown ViT variant {name!r}; expected one of {known} "
+                         "(any patch size is accepted, e.g. B_8).")
+    return dict(VARIANTS[match.group(1)], patch_size=int(match.group(2)))
+
+
+def residual_factor(weight: float, mode: str) -> float:
+    """The factor on the residual stream that goes with branch weight `weight`."""
+    if mode == "two_minus":
+        return 2.0 - weight
+    if mode == "inverse":
+        return 1.0 / weight
+    raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {mode!r}.")
+
+
+def per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
+    """Expands a scalar or per-block sequence of factors to one float per block."""
+    if isinstance(value, (int, float)):
+        values = (float(value),) * num_layers
+    else:
+        values = tuple(float(v) for v in value)
+    if len(values) != num_layers:
+        raise ValueError(f"{field} must be a number or have one entry per block "
+                         f"({num_layers}), got {len(values)} entries.")
+    for v in values:
+        if not 0.0 < v <= 2.0:
+            raise ValueError(f"{field} entries must lie in (0, 2], got {v}.")
+    return values
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout (vit_jax MlpBlock)."""
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    approximate_gelu: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6))
+        out_dim = x.shape[-1]
+        x = dense(self.mlp_dim, "Dense_0")(x)
+        x = nn.gelu(x, approximate=self.approximate_gelu)
+        self.sow("mlp_hidden", "hidden", x)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(out_dim, "Dense_1")(x)
+        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Flax MultiHeadDotProductAttention's parameters, with the pieces exposed.
+
+    Same parameter names and shapes as `nn.MultiHeadDotProductAttention`
+    (`query`/`key`/`value` kernels `(D, heads, head_dim)`, `out` kernel
+    `(heads, head_dim, D)`), written out so that q/k/v and the attention
+    probabilities can be sown.
+    """
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"hidden size {width} is not divisible by num_heads {self.num_heads}.")
+        head_dim = width // self.num_heads
+        proj = lambda name: nn.DenseGeneral(
+            (self.num_heads, head_dim), dtype=self.dtype, name=name,
+            kernel_init=nn.initializers.xavier_uniform())
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+        self.sow("qkv", "q", q)
+        self.sow("qkv", "k", k)
+        self.sow("qkv", "v", v)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        self.sow("attention", "probs", probs)
+        probs = nn.Dropout(rate=self.dropout_rate, broadcast_dims=())(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                               kernel_init=nn.initializers.xavier_uniform())(out)
+
+
+class Adapter(nn.Module):
+    """Houlsby bottleneck adapter `x + up(gelu(down(x)))`, identity at init."""
+    bottleneck_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.bottleneck_dim, dtype=self.dtype, name="down",
+                     kernel_init=nn.initializers.normal(stddev=1e-3))(x)
+        h = nn.gelu(h)
+        return x + nn.Dense(x.shape[-1], dtype=self.dtype, name="up",
+                            kernel_init=nn.initializers.zeros)(h)
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+    # Statistics in float32 even under a bfloat16 compute dtype.
+    return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=jnp.float32, name=name)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block with optional ReMem reweighting, pruning and adapters."""
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    approximate_gelu: bool = True
+    attn_beta: float = 1.0
+    mlp_alpha: float = 1.0
+    residual_mode: str = "two_minus"
+    skip_attn: bool = False
+    skip_mlp: bool = False
+    adapter_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    def _residual(self, stream, branch, weight):
+        if weight == 1.0:  # Keeps the default model bit-identical to the plain one.
+            return stream + branch
+        return residual_factor(weight, self.residual_mode) * stream + weight * branch
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        if not self.skip_attn:
+            y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+            y = MultiHeadSelfAttention(
+                self.num_heads, self.attention_dropout_rate, self.dtype,
+                name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
+            y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
+            if self.adapter_dim:
+                y = Adapter(self.adapter_dim, self.dtype, name="Adapter_attn")(y)
+            x = self._residual(x, y, self.attn_beta)
+        if not self.skip_mlp:
+            y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
+            y = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu, self.dtype,
+                         name="MlpBlock_3")(y, deterministic=deterministic)
+            if self.adapter_dim:
+                y = Adapter(self.adapter_dim, self.dtype, name="Adapter_mlp")(y)
+            x = self._residual(x, y, self.mlp_alpha)
+        self.sow("tokens", "out", x)
+        return x
+
+
+class AddPositionEmbs(nn.Module):
+    """Learned position embeddings `(1, tokens, D)`; row 0 belongs to the class token."""
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (1, x.shape[1], x.shape[2])
+        if self.has_variable("params", "pos_embedding"):
+            stored = self.get_variable("params", "pos_embedding").shape
+        else:
+            stored = shape
+        if stored != shape:
+            raise ValueError(
+                f"The input has {x.shape[1]} tokens but Transformer/posembed_input/pos_embedding "
+                f"has shape {stored}; load the checkpoint with image_size=<this input's size> "
+                "to resize the position embeddings.")
+        pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), shape)
+        return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    """The stack of blocks (module name `Transformer` in the checkpoints)."""
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    approximate_gelu: bool = True
+    attn_beta: tuple[float, ...] = ()
+    mlp_alpha: tuple[float, ...] = ()
+    residual_mode: str = "two_minus"
+    prune_attn: tuple[int, ...] = ()
+    prune_mlp: tuple[int, ...] = ()
+    adapter_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        for i in range(self.num_layers):
+            x = Encoder1DBlock(
+                mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                approximate_gelu=self.approximate_gelu,
+                attn_beta=self.attn_beta[i] if self.attn_beta else 1.0,
+                mlp_alpha=self.mlp_alpha[i] if self.mlp_alpha else 1.0,
+                residual_mode=self.residual_mode,
+                skip_attn=i in self.prune_attn, skip_mlp=i in self.prune_mlp,
+                adapter_dim=self.adapter_dim, dtype=self.dtype,
+                name=f"encoderblock_{i}")(x, deterministic=deterministic)
+        encoded = _layer_norm("encoder_norm")(x)
+        self.sow("tokens", "encoded", encoded)
+        return encoded
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier on NHWC images in [-1, 1]; returns float32 logits.
+
+    Attributes:
+      num_classes: classes of the `head`; 0 or None builds no head and returns
+        the pre-logits representation.
+      patch_size, hidden_size, num_layers, num_heads, mlp_dim: the architecture.
+      representation_size: width of the `pre_logits` Dense+tanh layer of the
+        original 2020 checkpoints; None (AugReg) for none.
+      dropout_rate, attention_dropout_rate: dropout (0 in AugReg fine-tuning).
+      approximate_gelu: tanh GELU (True, what the checkpoints were trained with)
+        or the exact erf form.
+      mlp_alpha, attn_beta: ReMem branch weights, a number or one per block.
+      residual_mode: `'two_minus'` (residual factor 2 - w) or `'inverse'` (1 / w).
+      prune_attn, prune_mlp: indices of blocks whose branch is removed.
+      adapter_dim: bottleneck width of Houlsby adapters; None for none.
+      dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+    """
+    num_classes: Optional[int]
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    representation_size: Optional[int] = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    approximate_gelu: bool = True
+    mlp_alpha: BlockFactor = 1.0
+    attn_beta: BlockFactor = 1.0
+    residual_mode: str = "two_minus"
+    prune_attn: tuple[int, ...] = ()
+    prune_mlp: tuple[int, ...] = ()
+    adapter_dim: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    def _check_config(self):
+        if self.residual_mode not in RESIDUAL_MODES:
+            raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {self.residual_mode!r}.")
+        for field in ("prune_attn", "prune_mlp"):
+            bad = [i for i in getattr(self, field) if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"{field} has block indices {bad} outside [0, {self.num_layers}).")
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        self._check_config()
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Expected NHWC RGB images, got shape {images.shape}.")
+        n, h, w, _ = images.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}.")
+        x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
+                    strides=(self.patch_size, self.patch_size), padding="VALID",
+                    dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+        x = x.reshape(n, -1, self.hidden_size)
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+        x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+        x = Encoder(
+            num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+            approximate_gelu=self.approximate_gelu,
+            attn_beta=per_block(self.attn_beta, self.num_layers, "attn_beta"),
+            mlp_alpha=per_block(self.mlp_alpha, self.num_layers, "mlp_alpha"),
+            residual_mode=self.residual_mode,
+            prune_attn=tuple(self.prune_attn), prune_mlp=tuple(self.prune_mlp),
+            adapter_dim=self.adapter_dim, dtype=self.dtype,
+            name="Transformer")(x, deterministic=not train)
+        x = x[:, 0]
+        if self.representation_size is not None:
+            x = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x)
+            x = jnp.tanh(x)
+        self.sow("pre_logits", "representation", x)
+        if not self.num_classes:
+            return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                     kernel_init=nn.initializers.zeros)(x)
+        return x.astype(jnp.float32)
+
+
+def create_vit(variant: str, num_classes: Optional[int], **overrides) -> VisionTransformer:
+    """Builds a `VisionTransformer` for a named variant (`'B_16'`, `'Ti_16'`, ...)."""
+    fields = {f.name for f in dataclasses.fields(VisionTransformer)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"Unknown VisionTransformer fields {unknown}; known: {sorted(fields)}.")
+    return VisionTransformer(num_classes=num_classes, **{**variant_config(variant), **overrides})
+
+
+def _block_index(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+def collect_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Turns the sown collections of one `apply` into plain per-block lists.
+
+    Args:
+      state: the mutable-collections dict returned by
+        `model.apply(..., mutable=[...])`.
+
+    Returns:
+      A dict with the requested keys among: `tokens` (list over blocks of
+      `[B, N, D]`), `encoded` (`[B, N, D]` after encoder_norm), `attention`
+      (list of `[B, heads, N, N]`), `query`/`key`/`value` (lists of
+      `[B, N, heads, head_dim]`), `mlp_hidden` (list of `[B, N, mlp_dim]`),
+      `pre_logits` (`[B, D or representation_size]`). Pruned branches are
+      missing from the per-block lists of that branch.
+    """
+    def blocks(collection):
+        tree = state.get(collection, {}).get("Transformer", {})
+        names = sorted((k for k in tree if k.startswith("encoderblock_")), key=_block_index)
+        return [tree[k] for k in names]
+
+    out: dict[str, Any] = {}
+    if "tokens" in state:
+        out["tokens"] = [b["out"][0] for b in blocks("tokens")]
+        out["encoded"] = state["tokens"]["Transformer"]["encoded"][0]
+    if "attention" in state:
+        out["attention"] = [b["MultiHeadDotProductAttention_1"]["probs"][0]
+                            for b in blocks("attention") if "MultiHeadDotProductAttention_1" in b]
+    if "qkv" in state:
+        attn = [b["MultiHeadDotProductAttention_1"] for b in blocks("qkv")
+                if "MultiHeadDotProductAttention_1" in b]
+        for name, short in (("query", "q"), ("key", "k"), ("value", "v")):
+            out[name] = [a[short][0] for a in attn]
+    if "mlp_hidden" in state:
+        out["mlp_hidden"] = [b["MlpBlock_3"]["hidden"][0] for b in blocks("mlp_hidden")
+                             if "MlpBlock_3" in b]
+    if "pre_logits" in state:
+        out["pre_logits"] = state["pre_logits"]["representation"][0]
+    return out

@@ -1,0 +1,207 @@
+"""AugReg npz loading, adaptation and saving, on files fabricated in the real format."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from remem_jax import checkpoints
+from remem_jax.checkpoints import CheckpointError
+from tests import augreg_format as fmt
+
+
+def write_npz(path, flat):
+    np.savez(path, **flat)
+    return str(path)
+
+
+@pytest.fixture
+def ti_ckpt(tmp_path):
+    """A Ti/16 i21k-style checkpoint at 64 px with a 21843-class head (3 blocks keep it fast)."""
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 64, 21843, num_layers=3))
+    return write_npz(tmp_path / "Ti_16-i21k.npz", flat), flat
+
+
+def images(n, size):
+    return np.random.default_rng(5).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def test_load_infers_variant_and_keeps_every_value(ti_ckpt):
+    path, flat = ti_ckpt
+    model, params = checkpoints.load_augreg(path)
+    assert (model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim, model.patch_size,
+            model.num_classes, model.representation_size) == (192, 3, 3, 768, 16, 21843, None)
+    got = checkpoints.flatten_params(params)
+    assert sorted(got) == sorted(flat)
+    for key, value in flat.items():
+        np.testing.assert_array_equal(got[key], value)
+    x = images(2, 64)
+    np.testing.assert_allclose(model.apply({"params": params}, x),
+                               fmt.reference_forward(flat, x, patch=16), rtol=1e-4, atol=1e-4)
+
+
+def test_head_replacement_gives_a_zero_head(ti_ckpt):
+    path, flat = ti_ckpt
+    model, params = checkpoints.load_augreg(path, num_classes=10)
+    assert model.num_classes == 10
+    assert params["head"]["kernel"].shape == (192, 10) and not params["head"]["kernel"].any()
+    assert params["head"]["bias"].shape == (10,) and not params["head"]["bias"].any()
+    np.testing.assert_array_equal(params["embedding"]["kernel"], flat["embedding/kernel"])
+    # Same class count: the head is kept.
+    _, same = checkpoints.load_augreg(path, num_classes=21843)
+    np.testing.assert_array_equal(same["head"]["kernel"], flat["head/kernel"])
+
+
+def test_posemb_resize_is_identity_at_the_same_size():
+    posemb = np.random.default_rng(0).standard_normal((1, 197, 8)).astype(np.float32)
+    np.testing.assert_array_equal(checkpoints.resize_posemb(posemb, 197), posemb)
+
+
+def test_posemb_resize_interpolates_linearly_and_keeps_the_class_token():
+    # A grid that is linear in (row, col) is reproduced exactly by linear
+    # interpolation with align-corners sampling: new row r maps to r * (old-1)/(new-1).
+    old, new, d = 14, 24, 4
+    rows, cols = np.meshgrid(np.arange(old), np.arange(old), indexing="ij")
+    coef = np.arange(1, d + 1)
+    grid = (2.0 * rows[..., None] - 0.5 * cols[..., None]) * coef
+    cls = np.full((1, 1, d), 7.0)
+    posemb = np.concatenate([cls, grid.reshape(1, old * old, d)], axis=1)
+    out = checkpoints.resize_posemb(posemb, new * new + 1)
+    assert out.shape == (1, 577, d)
+    np.testing.assert_array_equal(out[:, 0], cls[:, 0])
+    r, c = np.meshgrid(np.linspace(0, old - 1, new), np.linspace(0, old - 1, new), indexing="ij")
+    want = (2.0 * r[..., None] - 0.5 * c[..., None]) * coef
+    np.testing.assert_allclose(out[0, 1:].reshape(new, new, d), want, atol=1e-9)
+
+
+def test_load_at_384_resizes_posemb(ti_ckpt, tmp_path):
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 224, 1000, num_layers=1))
+    path = write_npz(tmp_path / "ti224.npz", flat)
+    model, params = checkpoints.load_augreg(path, image_size=384)
+    pos = params["Transformer"]["posembed_input"]["pos_embedding"]
+    assert pos.shape == (1, 577, 192)
+    np.testing.assert_array_equal(pos[:, 0], flat["Transformer/posembed_input/pos_embedding"][:, 0])
+    assert model.apply({"params": params}, images(1, 384)).shape == (1, 1000)
+
+
+def test_round_trip_is_exact(ti_ckpt, tmp_path):
+    path, _ = ti_ckpt
+    model, params = checkpoints.load_augreg(path, num_classes=5)
+    out = str(tmp_path / "again.npz")
+    checkpoints.save_augreg(out, params)
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+    model2, params2 = checkpoints.load_augreg(out)
+    assert model2 == model
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    with np.load(out, allow_pickle=False) as npz:  # a flat AugReg layout on disk
+        assert set(npz.files) == set(fmt.documented_layout("Ti", 16, 64, 5, num_layers=3))
+
+
+def test_gfile_paths_load_and_save_through_tensorflow():
+    # ram:// is TensorFlow's in-memory filesystem: the same tf.io.gfile code path as gs://.
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 3, num_layers=1))
+    params = checkpoints.unflatten_params(flat)
+    checkpoints.save_augreg("ram://remem/ckpt.npz", params)
+    _, loaded = checkpoints.load_augreg("ram://remem/ckpt.npz")
+    jax.tree.map(np.testing.assert_array_equal, params, loaded)
+
+
+def test_linen_numbered_tree_is_accepted_with_natural_block_order(tmp_path):
+    # 12 blocks: encoderblock_10 and _11 must stay blocks 10 and 11 (a lexicographic
+    # sort would put them after block 1).
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 4))
+    raw_model, raw = checkpoints.load_augreg(write_npz(tmp_path / "raw.npz", flat))
+    linen_model, linen = checkpoints.load_augreg(write_npz(tmp_path / "linen.npz", fmt.to_linen_names(flat)))
+    assert linen_model == raw_model
+    jax.tree.map(np.testing.assert_array_equal, raw, linen)
+    np.testing.assert_array_equal(
+        linen["Transformer"]["encoderblock_10"]["MlpBlock_3"]["Dense_0"]["kernel"],
+        flat["Transformer/encoderblock_10/MlpBlock_3/Dense_0/kernel"])
+
+
+def test_pre_logits_checkpoint_keeps_or_drops_the_layer(tmp_path):
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 6, representation_size=192, num_layers=1))
+    path = write_npz(tmp_path / "orig.npz", flat)
+    model, params = checkpoints.load_augreg(path)
+    assert model.representation_size == 192 and "pre_logits" in params
+    dropped_model, dropped = checkpoints.load_augreg(path, num_classes=3, representation_size=None)
+    assert dropped_model.representation_size is None and "pre_logits" not in dropped
+    assert dropped["head"]["kernel"].shape == (192, 3)
+
+
+def test_known_names_resolve_to_recommended_gs_files():
+    assert checkpoints.resolve_checkpoint("B_16") == (
+        "gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz")
+    assert checkpoints.resolve_checkpoint("B_16-i1k").endswith(
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_384.npz")
+    assert checkpoints.resolve_checkpoint("/some/file.npz") == "/some/file.npz"
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unknown_name_lists_known_names():
+    with pytest.raises(CheckpointError, match=r"Unknown checkpoint name 'B_17'.*B_16, B_16-i1k"):
+        checkpoints.load_augreg("B_17")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoints.load_augreg(str(tmp_path / "nope.npz"))
+
+
+def test_truncated_file(ti_ckpt, tmp_path):
+    path, _ = ti_ckpt
+    data = open(path, "rb").read()
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.npz.*truncated or corrupt"):
+        checkpoints.load_augreg(str(bad))
+
+
+def test_not_an_npz(tmp_path):
+    bad = tmp_path / "notes.npz"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable npz"):
+        checkpoints.load_augreg(str(bad))
+    single = tmp_path / "single.npy"
+    np.save(single, np.zeros(3))
+    with pytest.raises(CheckpointError, match="single array"):
+        checkpoints.load_augreg(str(single))
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 4, num_layers=2))
+    del flat["Transformer/encoderblock_1/LayerNorm_2/bias"]
+    del flat["Transformer/encoder_norm/scale"]
+    flat["Transformer/encoderblock_0/extra/kernel"] = np.zeros(3, np.float32)
+    with pytest.raises(CheckpointError) as info:
+        checkpoints.load_augreg(write_npz(tmp_path / "bad.npz", flat))
+    msg = str(info.value)
+    assert "bad.npz" in msg
+    assert "missing keys (2): Transformer/encoder_norm/scale, Transformer/encoderblock_1/LayerNorm_2/bias" in msg
+    assert "unexpected keys (1): Transformer/encoderblock_0/extra/kernel" in msg
+
+
+def test_shape_mismatch_lists_expected_and_actual(tmp_path):
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 4, num_layers=2))
+    flat["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"] = np.zeros(100, np.float32)
+    with pytest.raises(CheckpointError, match=r"Dense_1/bias: expected \(192,\), got \(100,\)"):
+        checkpoints.load_augreg(write_npz(tmp_path / "bad.npz", flat))
+
+
+def test_not_a_vit_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no 'embedding/kernel'"):
+        checkpoints.load_augreg(write_npz(tmp_path / "cnn.npz", {"conv/kernel": np.zeros((3, 3))}))
+
+
+def test_block_index_gap(tmp_path):
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 4, num_layers=3))
+    flat = {k.replace("encoderblock_2", "encoderblock_5"): v for k, v in flat.items()}
+    with pytest.raises(CheckpointError, match=r"must be 0..2, got \[0, 1, 5\]"):
+        checkpoints.load_augreg(write_npz(tmp_path / "gap.npz", flat))
+
+
+def test_bad_override_is_reported(ti_ckpt):
+    path, _ = ti_ckpt
+    with pytest.raises(CheckpointError, match="Bad model override"):
+        checkpoints.load_augreg(path, not_a_field=1)
