@@ -1,0 +1,472 @@
+"""Sources: where one host's examples of one split come from, still encoded.
+
+A `Source` is either
+  * a record table (`records`): encoded image bytes or file paths plus int labels, held as
+    NumPy arrays (digits, image folders, ImageNet-LT from an extracted image root, few-shot
+    subsets of TFDS splits). The pipeline shuffles these fully by permuting indices; or
+  * a stream (`stream_fn`): a TFDS split read in its fixed on-disk order, yielding
+    {'image': encoded bytes, 'label': int32}; the pipeline shuffles it with a buffer.
+Nothing here decodes an image: decoding happens in the pipeline after shuffling.
+
+Host slicing: a record table gives host p the indices [p::process_count]; a TFDS stream gives
+host p `tfds.even_splits(split, process_count)[p]`. `host_counts` holds every host's count so
+that eval can pad all hosts to the same number of batches without communication.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from remem_jax.data import digits as digits_lib
+from remem_jax.data import fewshot
+from remem_jax.data.config import field
+from remem_jax.data.registry import DatasetSpec, get_spec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Data, manual files, folders or list files that the configured dataset needs are missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One host's examples of one split (see module docstring).
+
+    Attributes:
+      name: dataset name.
+      num_classes: number of classes.
+      metric: 'top1' or 'mean_per_class'.
+      host_counts: number of examples on each host, indexed by process index.
+      process_index: this host.
+      records: (data [N] object array of bytes or path strings, labels int32 [N]) or None.
+      records_are_paths: whether records[0] holds file paths to read.
+      stream_fn: zero-argument function returning a tf.data.Dataset, or None.
+    """
+
+    name: str
+    num_classes: int
+    metric: str
+    host_counts: tuple[int, ...]
+    process_index: int
+    records: Optional[tuple[np.ndarray, np.ndarray]] = None
+    records_are_paths: bool = False
+    stream_fn: Optional[Callable[[], Any]] = None
+
+    @property
+    def num_examples(self) -> int:
+        """This host's number of examples."""
+        return self.host_counts[self.process_index]
+
+    @property
+    def total_examples(self) -> int:
+        """The number of examples over all hosts."""
+        return sum(self.host_counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection shared by all record sources.
+
+def _few_shot_requested(cfg) -> bool:
+    return field(cfg, "few_shot_fraction") > 0 or field(cfg, "few_shot_per_class") > 0
+
+
+def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
+    return fewshot.few_shot_indices(labels, fraction=field(cfg, "few_shot_fraction"),
+                                    per_class=field(cfg, "few_shot_per_class"),
+                                    seed=field(cfg, "few_shot_seed"))
+
+
+def _select(cfg, role: str, train_labels: np.ndarray,
+            eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
+    """Returns (which split to read: 'train'|'eval', indices into it) for `role`."""
+    percent = field(cfg, "validation_percent")
+    if percent:
+        train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
+        if role == "eval":
+            return "train", held_idx
+        idx = train_idx
+    elif role == "eval":
+        return "eval", np.arange(len(eval_labels_fn()), dtype=np.int64)
+    else:
+        idx = np.arange(len(train_labels), dtype=np.int64)
+    if _few_shot_requested(cfg):
+        idx = idx[_few_shot(cfg, train_labels[idx])]
+    return "train", idx
+
+
+def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths, pi, pc):
+    counts = tuple(len(idx[p::pc]) for p in range(pc))
+    host = idx[pi::pc]
+    return Source(name=spec_name, num_classes=num_classes, metric=metric, host_counts=counts,
+                  process_index=pi, records=(data[host], labels[host].astype(np.int32)),
+                  records_are_paths=are_paths)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline digits.
+
+def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+    splits = digits_lib.load_digits_encoded(int(field(cfg, "digits_source_size")),
+                                            float(field(cfg, "digits_test_fraction")),
+                                            int(field(cfg, "digits_split_seed")))
+    which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
+    data, labels = splits["train" if which == "train" else "test"]
+    return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False,
+                          pi, pc)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders.
+
+def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
+                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Lists <split_dir>/<class>/*.{jpg,jpeg,png} in sorted order (as torchvision ImageFolder).
+
+    Args:
+      split_dir: folder with one sub-folder per class.
+      class_names: the class list (from the train folder) to map names to labels; None = the
+        sorted sub-folders of `split_dir`.
+
+    Returns:
+      (class_names, paths object array [N], labels int32 [N]).
+    """
+    import tensorflow as tf
+
+    if not tf.io.gfile.isdir(split_dir):
+        raise DataNotFoundError(
+            f"Image folder split {split_dir!r} does not exist. config.data.image_folder must "
+            "contain train/ and test/ sub-folders, each with one sub-folder of images per class.")
+    found = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
+                   if tf.io.gfile.isdir(os.path.join(split_dir, d)))
+    if not found:
+        raise DataNotFoundError(f"Image folder split {split_dir!r} has no class sub-folders.")
+    if class_names is None:
+        class_names = found
+    extra = sorted(set(found) - set(class_names))
+    if extra:
+        raise ValueError(f"{split_dir!r} has class folders {extra} that the train folder lacks; "
+                         f"train classes: {class_names}.")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        if not tf.io.gfile.isdir(class_dir):
+            continue
+        for fname in sorted(tf.io.gfile.listdir(class_dir)):
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(class_dir, fname))
+                labels.append(label)
+    if not paths:
+        raise DataNotFoundError(f"No .jpg/.jpeg/.png images under {split_dir!r}.")
+    return class_names, np.array(paths, dtype=object), np.array(labels, dtype=np.int32)
+
+
+def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+    root = field(cfg, "image_folder")
+    if not root:
+        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
+                                "folder with train/<class>/*.jpg and test/<class>/*.jpg.")
+    classes, train_paths, train_labels = list_image_folder(os.path.join(root, "train"))
+    test = {}
+
+    def eval_labels():
+        test["split"] = list_image_folder(os.path.join(root, "test"), classes)
+        return test["split"][2]
+
+    which, idx = _select(cfg, role, train_labels, eval_labels)
+    data, labels = (train_paths, train_labels) if which == "train" else test["split"][1:]
+    return _record_source(spec.name, len(classes), field(cfg, "image_folder_metric"), data,
+                          labels, idx, True, pi, pc)
+
+
+def image_folder_num_classes(cfg) -> int:
+    """Number of classes of the image_folder dataset (the sub-folders of train/)."""
+    root = field(cfg, "image_folder")
+    if not root:
+        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder.")
+    return len(list_image_folder(os.path.join(root, "train"))[0])
+
+
+# --------------------------------------------------------------------------------------------
+# TFDS.
+
+def _builder(spec: DatasetSpec, cfg, tfds_name: Optional[str] = None):
+    import tensorflow_datasets as tfds
+
+    name = tfds_name or spec.tfds_name
+    return tfds.builder(name, data_dir=field(cfg, "data_dir"))
+
+
+def _missing_data_message(spec: DatasetSpec, cfg, tfds_name: str, err: BaseException) -> str:
+    data_dir = field(cfg, "data_dir") or "~/tensorflow_datasets (TFDS default)"
+    manual_dir = field(cfg, "manual_dir") or "<manual_dir>"
+    msg = (f"Dataset {spec.name!r}: TFDS builder {tfds_name!r} has no prepared data in "
+           f"data_dir={data_dir} ({type(err).__name__}: {str(err).splitlines()[0]}). ")
+    if spec.manual_download:
+        msg += ("This dataset needs a MANUAL download. "
+                + spec.manual_download.replace("<manual_dir>", manual_dir)
+                .replace("<data_dir>", str(field(cfg, "data_dir") or "~/tensorflow_datasets")))
+    else:
+        msg += (f"Prepare it with `tfds build {tfds_name} --data_dir="
+                f"{field(cfg, 'data_dir') or '~/tensorflow_datasets'}` (or set "
+                "config.data.data_dir to where it is already prepared).")
+    return msg
+
+
+def _as_dataset(builder, spec, cfg, split: str):
+    """builder.as_dataset with encoded images, fixed order, and a helpful missing-data error."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        return builder.as_dataset(split=split, shuffle_files=False,
+                                  decoders={"image": tfds.decode.SkipDecoding()},
+                                  read_config=tfds.ReadConfig(add_tfds_id=False))
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as err:
+        raise DataNotFoundError(_missing_data_message(spec, cfg, builder.name + (
+            "/" + builder.builder_config.name if builder.builder_config else ""), err)) from err
+
+
+def _image_label(ex):
+    import tensorflow as tf
+    return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)}
+
+
+_SLICE = re.compile(r"^\s*(\w+)\s*(\[.*\])?\s*$")
+
+
+def holdout_split_strings(train_split: str, percent: float, split_sizes: dict[str, int]
+                          ) -> tuple[str, str]:
+    """Splits a TFDS train split string into (train part, held-out last `percent`%).
+
+    Each '+'-component is resolved to absolute example indices (so 'train[:80%]' works too)
+    and its last floor-complement is held out. TFDS shuffles examples when it writes a dataset,
+    so the tail is a random, if not stratified, subset.
+
+    Args:
+      train_split: e.g. 'train', 'train+validation', 'train[:80%]'.
+      percent: held-out percentage in (0, 100).
+      split_sizes: {split name: num_examples}; if empty (TFDS mock data), plain percent slices
+        are used, which only works for unsliced components.
+
+    Returns:
+      (train split string, held-out split string).
+    """
+    import tensorflow_datasets as tfds
+
+    if not 0 < percent < 100:
+        raise ValueError(f"validation_percent must be in (0, 100), got {percent}.")
+    keep = 100 - percent
+    train_parts, held_parts = [], []
+    for comp in train_split.split("+"):
+        m = _SLICE.match(comp)
+        if not m:
+            raise ValueError(f"Cannot parse split component {comp!r} of {train_split!r}.")
+        name, sliced = m.group(1), m.group(2)
+        if not split_sizes:
+            if sliced:
+                raise ValueError(f"validation_percent needs the split sizes to hold out part of "
+                                 f"the sliced split {comp!r}; the dataset info has none.")
+            train_parts.append(f"{name}[:{keep:g}%]")
+            held_parts.append(f"{name}[{keep:g}%:]")
+            continue
+        infos = {k: types.SimpleNamespace(num_examples=v) for k, v in split_sizes.items()}
+        for ins in tfds.core.ReadInstruction.from_spec(comp).to_absolute(infos):
+            size = split_sizes[ins.splitname]
+            a = 0 if ins.from_ is None else ins.from_
+            b = size if ins.to is None else ins.to
+            cut = a + int(np.floor((b - a) * keep / 100 + 1e-9))
+            train_parts.append(f"{ins.splitname}[{a}:{cut}]")
+            held_parts.append(f"{ins.splitname}[{cut}:{b}]")
+    return "+".join(train_parts), "+".join(held_parts)
+
+
+def _split_sizes(builder) -> dict[str, int]:
+    try:
+        return {name: info.num_examples for name, info in builder.info.splits.items()}
+    except Exception:  # Unprepared or mocked datasets have no split info.  # noqa: BLE001
+        return {}
+
+
+def _host_split(split: str, p: int, pc: int) -> str:
+    import tensorflow_datasets as tfds
+    return split if pc == 1 else tfds.even_splits(split, n=pc)[p]
+
+
+def _cardinality(ds) -> int:
+    import tensorflow as tf
+    n = int(ds.cardinality().numpy())
+    if n < 0:  # Unknown: count (records are still encoded, so this is only I/O).
+        n = int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1).numpy())
+    return n
+
+
+def read_labels(ds) -> np.ndarray:
+    """Reads the 'label' of every example of an (encoded) TFDS dataset: one pass, no decoding."""
+    parts = [b.numpy() for b in ds.map(lambda ex: ex["label"]).batch(8192)]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros([0], np.int32)
+
+
+def _materialize(ds, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keeps the encoded images and labels of `indices` (positions in `ds`) in host memory."""
+    import tensorflow as tf
+
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(indices, tf.int64),
+                                            tf.ones([len(indices)], tf.int64)), default_value=0)
+    kept = ds.enumerate().filter(lambda i, ex: table.lookup(i) > 0).map(
+        lambda i, ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    images, labels = [], []
+    for image, label in kept.as_numpy_iterator():
+        images.append(image)
+        labels.append(label)
+    if len(images) != len(indices):
+        raise RuntimeError(f"Few-shot materialisation found {len(images)} of {len(indices)} "
+                           "selected examples; the split changed between the two passes.")
+    return np.array(images, dtype=object), np.array(labels, dtype=np.int32)
+
+
+def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+    builder = _builder(spec, cfg)
+    train_split, eval_split = spec.train_split, spec.eval_split
+    percent = field(cfg, "validation_percent")
+    if percent:
+        train_split, eval_split = holdout_split_strings(train_split, percent,
+                                                        _split_sizes(builder))
+    split = train_split if role == "train" else eval_split
+    if role == "train" and _few_shot_requested(cfg):
+        # Cost: one label-only pass over the train split (images stay encoded), then a second
+        # pass that keeps the selected examples' encoded bytes in host memory.
+        full = _as_dataset(builder, spec, cfg, split)
+        idx = _few_shot(cfg, read_labels(full))
+        counts = tuple(len(idx[p::pc]) for p in range(pc))
+        data, labels = _materialize(full, idx[pi::pc])
+        return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
+                      host_counts=counts, process_index=pi, records=(data, labels))
+    host_splits = [_host_split(split, p, pc) for p in range(pc)]
+    counts = tuple(_cardinality(_as_dataset(builder, spec, cfg, s)) for s in host_splits)
+
+    def stream_fn():
+        return _as_dataset(builder, spec, cfg, host_splits[pi]).map(_image_label)
+
+    return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
+                  host_counts=counts, process_index=pi, stream_fn=stream_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet-LT from its list files.
+
+def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads an ImageNet-LT list file ('train/n01440764/n01440764_190.JPEG 0' per line).
+
+    Returns:
+      (relative paths object array [N], labels int32 [N]).
+    """
+    import tensorflow as tf
+
+    if not path:
+        raise DataNotFoundError(
+            f"Dataset 'imagenet_lt' needs config.data.{field_name}: the path of the published "
+            "list file (ImageNet_LT_train.txt / ImageNet_LT_val.txt / ImageNet_LT_test.txt "
+            "from https://github.com/zhmiao/OpenLongTailRecognition-OLTR).")
+    if not tf.io.gfile.exists(path):
+        raise DataNotFoundError(f"ImageNet-LT list file config.data.{field_name}={path!r} "
+                                "does not exist.")
+    paths, labels = [], []
+    with tf.io.gfile.GFile(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)  # The label is the last token.
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ValueError(f"{path}:{lineno}: expected '<relative path> <label>', got "
+                                 f"{line.strip()!r}.")
+            paths.append(parts[0])
+            labels.append(int(parts[1]))
+    return np.array(paths, dtype=object), np.array(labels, dtype=np.int32)
+
+
+def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+    import tensorflow as tf
+
+    train_paths, train_labels = read_list_file(field(cfg, "imagenet_lt_train_list"),
+                                               "imagenet_lt_train_list")
+    lists = {}
+
+    def eval_labels():
+        lists["eval"] = read_list_file(field(cfg, "imagenet_lt_eval_list"),
+                                       "imagenet_lt_eval_list")
+        return lists["eval"][1]
+
+    which, idx = _select(cfg, role, train_labels, eval_labels)
+    rel, labels = (train_paths, train_labels) if which == "train" else lists["eval"]
+    root = field(cfg, "imagenet_lt_image_root")
+    if root:
+        full = np.array([os.path.join(root, r) for r in rel], dtype=object)
+        if not tf.io.gfile.exists(full[idx[0]]):
+            raise DataNotFoundError(f"ImageNet-LT image {full[idx[0]]!r} does not exist: "
+                                    "config.data.imagenet_lt_image_root must hold the extracted "
+                                    "ILSVRC2012 train/ and val/ folders.")
+        return _record_source(spec.name, spec.num_classes, spec.metric, full, labels, idx, True,
+                              pi, pc)
+    # Stream imagenet2012 and keep the listed files (matched on file name); the label comes
+    # from the list. Every host reads the whole imagenet2012 split (filtering is cheap, the
+    # I/O is not: ~11x the LT train set). Set imagenet_lt_image_root to avoid that.
+    prefixes = {r.split("/")[0] for r in rel[idx]}
+    if len(prefixes) != 1 or not prefixes <= {"train", "val"}:
+        raise ValueError(f"ImageNet-LT list entries must all start with 'train/' or 'val/', "
+                         f"got prefixes {sorted(prefixes)}.")
+    tfds_split = "train" if prefixes == {"train"} else "validation"
+    host = idx[pi::pc]
+    names = [os.path.basename(r) for r in rel[host]]
+    host_labels = labels[host]
+    builder = _builder(spec, cfg)
+
+    def stream_fn():
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(names, tf.string),
+                                                tf.constant(host_labels, tf.int32)),
+            default_value=-1)
+        ds = _as_dataset(builder, spec, cfg, tfds_split)
+        ds = ds.map(lambda ex: {"image": ex["image"], "label": table.lookup(ex["file_name"])})
+        return ds.filter(lambda ex: ex["label"] >= 0)
+
+    return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
+                  host_counts=tuple(len(idx[p::pc]) for p in range(pc)), process_index=pi,
+                  stream_fn=stream_fn)
+
+
+# --------------------------------------------------------------------------------------------
+
+_BUILDERS = {"digits": _digits_source, "image_folder": _folder_source, "tfds": _tfds_source,
+             "imagenet_lt": _imagenet_lt_source}
+
+
+def build_source(data_config, dataset: str, role: str, *, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> Source:
+    """Builds this host's source of the `role` split of `dataset`.
+
+    Args:
+      data_config: the config.data section.
+      dataset: registry name.
+      role: 'train' (validation hold-out and few-shot applied) or 'eval'.
+      process_index, process_count: host identity; default jax.process_index()/process_count().
+
+    Returns:
+      The Source.
+    """
+    if role not in ("train", "eval"):
+        raise ValueError(f"role must be 'train' or 'eval', got {role!r}.")
+    spec = get_spec(dataset)
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count)
+    if source.total_examples == 0:
+        raise ValueError(f"Dataset {dataset!r} {role} split has no examples.")
+    return source
