@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from remem_jax import errors
 from remem_jax.models import vit
 
 AUGREG_BUCKET = "gs://vit_models/augreg"
@@ -51,7 +52,7 @@ _LINEN_TO_RAW = {
 _BLOCK_RE = re.compile(r"encoderblock_(\d+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 

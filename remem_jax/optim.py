@@ -69,11 +69,13 @@ def kernel_mask(params: Any) -> Any:
 
 def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0.9,
                    weight_decay: float = 1e-4, grad_clip_norm: Optional[float] = 1.0,
-                   nesterov: bool = False, weight_decay_mask: Any = None) -> optax.GradientTransformation:
+                   nesterov: bool = False, weight_decay_mask: Any = None,
+                   optimizer: str = "sgd") -> optax.GradientTransformation:
     """SGD with momentum and decoupled weight decay (SGDW), after a global-norm clip.
 
     Chain: clip by global norm -> momentum trace -> add `weight_decay * w` (masked) -> scale by
-    `-lr_t`. The learning rate is wrapped in `optax.inject_hyperparams`, so the value used by the
+    `-lr_t`. With `optimizer='adam'` the momentum trace is replaced by Adam's scaling (AdamW,
+    for ViTs trained from scratch); `momentum` and `nesterov` are then unused. The learning rate is wrapped in `optax.inject_hyperparams`, so the value used by the
     last update is in the state under the key 'learning_rate' (see `learning_rate_of`).
 
     Args:
@@ -84,6 +86,7 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
       nesterov: Nesterov momentum (`g + momentum * trace`).
       weight_decay_mask: a pytree of bools or a callable `params -> mask`; None uses
         `kernel_mask` (decay leaves with ndim > 1 only).
+      optimizer: 'sgd' (the paper's fine-tuning and distillation) or 'adam'.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -94,12 +97,14 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
     if grad_clip_norm is not None and not grad_clip_norm > 0:
         raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}.")
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov) if optimizer == "sgd" else optax.scale_by_adam())
     if weight_decay > 0:
         mask = kernel_mask if weight_decay_mask is None else weight_decay_mask
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))

@@ -56,12 +56,13 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.image.resize(image, [image_size, image_size], method="bilinear")
 
 
-def train_preprocess(data: tf.Tensor, seed: tf.Tensor, image_size: int, area_min: float
-                     ) -> tf.Tensor:
+def train_preprocess(data: tf.Tensor, seed: tf.Tensor, image_size: int, area_min: float,
+                     random_flip: bool = True) -> tf.Tensor:
     """Train view: decode + inception crop + bilinear resize + random flip -> float32 [-1, 1]."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = resize(decode_and_inception_crop(data, crop_seed, area_min), image_size)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if random_flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return to_model_range(image)
 
 

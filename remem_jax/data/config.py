@@ -32,6 +32,7 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "digits_source_size": (32, "Side of the stored uint8 digit images (8x8 upsampled, nearest)."),
     "digits_split_seed": (0, "Seed of the fixed digits train/test split."),
     "crop_area_min": (0.05, "Inception crop: minimum crop area fraction (area range [min, 1])."),
+    "random_flip": (True, "Random horizontal flip in training (off for flip-sensitive data: digits)."),
     "prefetch": (2, "Batches prefetched by tf.data after batching."),
     "num_parallel_calls": (-1, "Parallel decode/augment calls; -1 = tf.data.AUTOTUNE."),
 }

@@ -164,11 +164,12 @@ class TrainData:
         ds = ds.enumerate(start=position).map(load)
         image_size = int(field(cfg, "image_size"))
         area_min = float(field(cfg, "crop_area_min"))
+        random_flip = bool(field(cfg, "random_flip"))
         num_classes = self.num_classes
 
         def preprocess(pos, ex):
             seed = _seed_pair(tf, self.seed, _TAG_AUGMENT, pos)
-            return {"image": augment.train_preprocess(ex["image"], seed, image_size, area_min),
+            return {"image": augment.train_preprocess(ex["image"], seed, image_size, area_min, random_flip),
                     "label": ex["label"]}
 
         ds = ds.map(preprocess, num_parallel_calls=int(field(cfg, "num_parallel_calls")))

@@ -1,0 +1,532 @@
+"""Training-step throughput on synthetic data: `python -m remem_jax.benchmark --model=B_16 ...`.
+
+Times the library's own train steps (`train.step.make_train_step` with the fine-tuning loss of
+`train.teacher` or the distillation loss of `train.distill`), pmapped over every local device
+exactly as the stages run them, on one fixed synthetic batch (uniform images in [-1, 1], random
+labels) that stays on the devices: it measures compute, not the input pipeline (see
+`remem_jax.data.benchmark` for that). Parameters are randomly initialised; no checkpoint is read.
+
+Modes:
+  finetune_plain       full fine-tuning, one gradient pass (SAM rho 0).
+  finetune_sam         full fine-tuning with SAM (rho 0.5, two gradient passes).
+  finetune_lora        LoRA (query/value, rank 32) with SAM rho 0.5: the ReMem LoRA setting.
+  finetune_lora_plain  the same LoRA with rho 0.
+  distill              frozen ViT teacher (inference, inside the step) + CNN student with BatchNorm,
+                       KD loss; also times a teacher-only forward on the same batch.
+
+For each mode it reports images/s, step time (mean, std), compile and first-step time, FLOPs per
+step from XLA's cost analysis of the compiled step, achieved TFLOP/s (and MFU given
+`--peak_tflops`), memory, and the SAM/plain step-time ratios of modes measured in the same run.
+
+  python -m remem_jax.benchmark --model=Ti_16 --batch_size=32 --modes=finetune_plain,finetune_sam \\
+      --output=/tmp/bench.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from remem_jax import optim
+from remem_jax.models import students, vit
+from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
+
+AXIS = "batch"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill")
+# name -> (numerator mode, denominator mode), both timed in the same process.
+RATIOS = {
+    "sam_over_plain": ("finetune_sam", "finetune_plain"),
+    "lora_sam_over_lora_plain": ("finetune_lora", "finetune_lora_plain"),
+    "lora_sam_over_full_sam": ("finetune_lora", "finetune_sam"),
+}
+FLOPS_SOURCE = ("XLA cost_analysis()['flops'] of the compiled per-device step (the pmapped "
+                "executable that is timed) x number of devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkOptions:
+    """What to benchmark; the fields mirror the command-line flags."""
+    model: str = "B_16"
+    num_layers: int = 0
+    student: str = "resnet18"
+    image_size: int = 224
+    batch_size: int = 32
+    dtype: str = "float32"
+    steps: int = 5
+    warmup: int = 2
+    modes: tuple[str, ...] = MODES
+    peak_tflops: Optional[float] = None
+    num_classes: int = 100
+    sam_rho: float = 0.5
+    lora_rank: int = 32
+    seed: int = 0
+    output: Optional[str] = None
+
+    def validate(self, num_devices: int) -> None:
+        """Raises ValueError naming the first bad field."""
+        vit.variant_config(self.model)  # raises on an unknown variant
+        if self.student not in students.STUDENTS:
+            raise ValueError(f"--student must be one of {sorted(students.STUDENTS)}, got {self.student!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"--modes must be a non-empty comma list of {MODES}, got {list(self.modes)}.")
+        for name in ("image_size", "batch_size", "steps", "warmup", "num_classes", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.num_layers < 0:
+            raise ValueError(f"--num_layers must be >= 0 (0 = the variant's depth), got {self.num_layers!r}.")
+        if self.batch_size % num_devices:
+            raise ValueError(f"--batch_size={self.batch_size} must be divisible by the number of local "
+                             f"devices ({num_devices}).")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak_tflops must be > 0, got {self.peak_tflops!r}.")
+        if not self.sam_rho > 0:
+            raise ValueError(f"--sam_rho must be > 0 (the SAM modes' radius), got {self.sam_rho!r}.")
+
+
+# ----------------------------------------------------------------------------- flags
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines the benchmark's absl flags on `flag_values` (kept off the global FLAGS on purpose:
+    `remem_jax.data.benchmark` defines flags of the same names)."""
+    d = BenchmarkOptions()
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("model", d.model, "ViT variant of the fine-tuned model and of the teacher.", **fv)
+    flags.DEFINE_integer("num_layers", d.num_layers, "ViT depth override; 0 = the variant's depth.", **fv)
+    flags.DEFINE_string("student", d.student, f"Student CNN of 'distill': {sorted(students.STUDENTS)}.", **fv)
+    flags.DEFINE_integer("image_size", d.image_size, "Square input side in pixels.", **fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over the local devices).", **fv)
+    flags.DEFINE_enum("dtype", d.dtype, sorted(DTYPES), "Compute dtype (params stay float32).", **fv)
+    flags.DEFINE_integer("steps", d.steps, "Timed steps per mode.", **fv)
+    flags.DEFINE_integer("warmup", d.warmup, "Untimed steps per mode, the compiling first step included.", **fv)
+    flags.DEFINE_list("modes", list(d.modes), f"Comma list of modes among {MODES}.", **fv)
+    flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU (optional).", **fv)
+    flags.DEFINE_integer("num_classes", d.num_classes, "Classes of the heads.", **fv)
+    flags.DEFINE_float("sam_rho", d.sam_rho, "SAM radius of finetune_sam and finetune_lora.", **fv)
+    flags.DEFINE_integer("lora_rank", d.lora_rank, "LoRA rank (query/value targets, alpha 32).", **fv)
+    flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic batch.", **fv)
+    flags.DEFINE_string("output", None, "Optional path of the JSON results.", **fv)
+
+
+def options_from_flags(flag_values: flags.FlagValues) -> BenchmarkOptions:
+    """The parsed flags as `BenchmarkOptions`."""
+    fields = {f.name for f in dataclasses.fields(BenchmarkOptions)}
+    values = {name: flag_values[name].value for name in fields}
+    values["modes"] = tuple(m.strip() for m in values["modes"] if m.strip())
+    return BenchmarkOptions(**values)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _param_count(tree: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def shard_batch(batch: Any, devices: Sequence[jax.Device]) -> Any:
+    """Puts `[num_devices, per_device, ...]` host arrays on the devices, laid out as pmap's inputs
+    (the same sharding `step.replicate` uses), so no step re-transfers the batch."""
+    sharding = NamedSharding(Mesh(np.array(list(devices)), (AXIS,)), PartitionSpec(AXIS))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+
+
+def synthetic_batch(seed: int, batch_size: int, image_size: int, num_classes: int,
+                    num_devices: int) -> dict[str, np.ndarray]:
+    """Uniform images in [-1, 1], uniform labels and their one-hot `soft_label`, shaped
+    `[num_devices, batch_size // num_devices, ...]` (host NumPy, float32 / int32)."""
+    rng = np.random.default_rng(seed)
+    per_device = batch_size // num_devices
+    images = rng.uniform(-1.0, 1.0, (num_devices, per_device, image_size, image_size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (num_devices, per_device)).astype(np.int32)
+    return {"image": images, "label": labels, "soft_label": np.eye(num_classes, dtype=np.float32)[labels]}
+
+
+def vit_forward_flops(model: vit.VisionTransformer, image_size: int) -> float:
+    """Analytic forward FLOPs of one image (2 per multiply-add; matmuls and convolutions only).
+
+    Patch embedding `T * p^2 * 3 * D`; per block `N * (4 D^2 + 2 D M)` for q, k, v, out and the
+    MLP, plus `2 N^2 D` for the attention logits and the weighted sum; the head `D * C`. Here
+    `T = (S / p)^2` patches, `N = T + 1` tokens. LayerNorm, softmax, GELU are left out.
+
+    Args:
+      model: the ViT (its patch size, width, depth, MLP width, classes).
+      image_size: the square input side S.
+
+    Returns:
+      FLOPs per image.
+    """
+    patches = (image_size // model.patch_size) ** 2
+    tokens, width, mlp = patches + 1, model.hidden_size, model.mlp_dim
+    macs = patches * model.patch_size ** 2 * 3 * width
+    macs += model.num_layers * (tokens * (4 * width ** 2 + 2 * width * mlp) + 2 * tokens ** 2 * width)
+    macs += width * (model.num_classes or 0)
+    return 2.0 * macs
+
+
+def _flops(compiled: Any) -> Optional[float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per module
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def _xla_memory(compiled: Any) -> Optional[dict]:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not implemented on every backend
+        return None
+    if stats is None:
+        return None
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    out = {name: int(getattr(stats, name)) for name in names if hasattr(stats, name)}
+    if len(out) == len(names):
+        out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                              - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def memory_snapshot() -> dict:
+    """Device allocator peak when the backend reports one, else None; and the host's peak RSS.
+
+    Both are high-water marks since the process started (neither can be reset), so for the second
+    and later modes of a run they are upper bounds over the modes so far.
+    """
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:
+        stats = None
+    device_peak = stats.get("peak_bytes_in_use") if stats else None
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"device_peak_bytes_in_use": int(device_peak) if device_peak is not None else None,
+            "host_peak_rss_bytes": int(rss_kib) * 1024}
+
+
+def _block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+def time_compiled(fn: Callable, args: tuple, *, steps: int, warmup: int, carry_state: bool) -> dict:
+    """Lowers and compiles `fn(*args)`, runs `warmup` untimed calls (the first one included) and
+    `steps` timed calls, blocking on the outputs after each.
+
+    Args:
+      fn: a pmapped function.
+      args: its arguments; with `carry_state`, `args = (state, batch)` and each call's first
+        output is the next call's state (the state argument is donated).
+      steps: timed calls.
+      warmup: untimed calls, counting the first.
+      carry_state: thread the state through the calls.
+
+    Returns:
+      Timings in seconds (`compile_s`, `first_step_s`, `times_s`), `flops_per_device`, the XLA
+      memory analysis and the last outputs (`outputs`).
+    """
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    info = {"flops_per_device": _flops(compiled), "xla_memory": _xla_memory(compiled)}
+
+    def call(args):
+        out = _block(compiled(*args))
+        return ((out[0],) + tuple(args[1:]) if carry_state else args), out
+
+    start = time.perf_counter()
+    args, out = call(args)
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        args, out = call(args)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        args, out = call(args)
+        times.append(time.perf_counter() - start)
+    return dict(info, compile_s=compile_s, first_step_s=first_step_s, times_s=times, outputs=out)
+
+
+# ----------------------------------------------------------------------------- modes
+
+@dataclasses.dataclass
+class ModeSetup:
+    """One mode's un-mapped step, its host state and what the report says about it."""
+    step: step_lib.StepFn
+    state: state_lib.TrainState
+    description: str
+    sam_rho: float
+    teacher: Optional[vit.VisionTransformer] = None
+
+
+def _optimizer(total_steps: int):
+    # The fine-tuning defaults of configs/common.py: SGD momentum 0.9, wd 1e-4, clip 1, warmup+cosine.
+    schedule = optim.warmup_cosine_schedule(0.03, total_steps, optim.default_warmup_steps(total_steps))
+    return optim.make_optimizer(learning_rate=schedule, momentum=0.9, weight_decay=1e-4, grad_clip_norm=1.0)
+
+
+def _create_vit(options: BenchmarkOptions) -> vit.VisionTransformer:
+    overrides = {"num_layers": options.num_layers} if options.num_layers else {}
+    return vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype], **overrides)
+
+
+def _init_vit(model: vit.VisionTransformer, rng: jax.Array, image_size: int) -> Any:
+    return jax.jit(model.init)(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+
+
+def build_finetune(options: BenchmarkOptions, mode: str) -> ModeSetup:
+    """The teacher fine-tuning step of `mode` (full or LoRA, plain or SAM) and its state."""
+    lora = mode in ("finetune_lora", "finetune_lora_plain")
+    rho = options.sam_rho if mode in ("finetune_sam", "finetune_lora") else 0.0
+    key = jax.random.PRNGKey(options.seed)
+    model = _create_vit(options)
+    params = _init_vit(model, jax.random.fold_in(key, 0), options.image_size)
+    setup = teacher.setup_finetune(model, params, "lora" if lora else "full", jax.random.fold_in(key, 1),
+                                   image_size=options.image_size, lora_rank=options.lora_rank,
+                                   lora_alpha=32.0, lora_targets="qv")
+    tx = _optimizer(options.warmup + options.steps)
+    state = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.fold_in(key, 2),
+                                         frozen=setup.frozen)
+    step = step_lib.make_train_step(teacher.classification_loss(setup.model, setup.combine), tx, sam_rho=rho)
+    what = f"LoRA qv rank {options.lora_rank} (base frozen)" if lora else "full fine-tuning"
+    return ModeSetup(step, state, f"ViT-{options.model} {what}, SAM rho {rho}", rho)
+
+
+def build_distill(options: BenchmarkOptions) -> ModeSetup:
+    """The KD step: frozen ViT teacher inside the step, CNN student with cross-device BatchNorm."""
+    key = jax.random.PRNGKey(options.seed)
+    teacher_model = _create_vit(options)
+    teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), options.image_size)
+    student = students.create_student(options.student, options.num_classes, dtype=DTYPES[options.dtype],
+                                      bn_axis_name=AXIS)
+    params, batch_stats = students.init_student(student, jax.random.fold_in(key, 3), options.image_size)
+    tx = _optimizer(options.warmup + options.steps)
+    state = state_lib.create_train_state(params, tx, rng=jax.random.fold_in(key, 2),
+                                         frozen={"teacher": teacher_params}, batch_stats=batch_stats)
+    # configs/common.py's distill defaults.
+    objective = distill.distillation_objective("kd", ml_collections.ConfigDict(
+        {"temperature": 1.0, "kd_weight": 0.5}))
+    step = step_lib.make_train_step(distill.distillation_loss(student, teacher_model, objective), tx)
+    return ModeSetup(step, state, f"KD: frozen ViT-{options.model} teacher + {options.student} student "
+                     "(BatchNorm), SAM rho 0", 0.0, teacher=teacher_model)
+
+
+def _teacher_forward(model: vit.VisionTransformer) -> Callable:
+    # Exactly the teacher call inside distillation_loss.
+    def forward(teacher_params, batch):
+        return model.apply({"params": teacher_params}, batch["image"].astype(model.dtype), train=False)
+    return jax.pmap(forward, axis_name=AXIS)
+
+
+def _ms(times_s: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(times_s)
+    std = statistics.stdev(times_s) if len(times_s) > 1 else 0.0
+    return 1e3 * mean, 1e3 * std
+
+
+def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Sequence[jax.Device]) -> dict:
+    """Times one mode; returns its JSON record."""
+    setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
+    n = len(devices)
+    state = step_lib.replicate(setup.state, AXIS, devices)
+    record: dict[str, Any] = {
+        "mode": mode, "description": setup.description, "sam_rho": setup.sam_rho,
+        "trainable_params": _param_count(setup.state.params),
+        "frozen_params": _param_count(setup.state.frozen),
+        "global_batch_size": options.batch_size, "per_device_batch_size": options.batch_size // n,
+        "num_devices": n}
+    setup.state = None  # the host copy; the replicated one is what runs
+    timing = time_compiled(step_lib.pmap_train_step(setup.step, axis_name=AXIS), (state, batch),
+                           steps=options.steps, warmup=options.warmup, carry_state=True)
+    state, metrics = timing.pop("outputs")
+    step_ms, step_std = _ms(timing["times_s"])
+    loss = float(np.asarray(jax.device_get(metrics["loss"]))[0])
+    record.update(
+        compile_s=timing["compile_s"], first_step_s=timing["first_step_s"],
+        compile_plus_first_step_s=timing["compile_s"] + timing["first_step_s"],
+        step_ms_mean=step_ms, step_ms_std=step_std, step_ms_median=1e3 * statistics.median(timing["times_s"]),
+        step_ms_min=1e3 * min(timing["times_s"]), step_ms_all=[1e3 * t for t in timing["times_s"]],
+        images_per_s=options.batch_size / (step_ms / 1e3), final_loss=loss, loss_finite=bool(np.isfinite(loss)))
+    flops = timing["flops_per_device"]
+    record["flops_per_step"] = flops * n if flops is not None else None
+    record["flops_source"] = FLOPS_SOURCE if flops is not None else "unavailable"
+    tflops = record["flops_per_step"] / (step_ms / 1e3) / 1e12 if flops is not None else None
+    record["achieved_tflops"] = tflops
+    record["mfu"] = (tflops / (options.peak_tflops * n) if tflops is not None and options.peak_tflops
+                     else None)
+    model = setup.teacher if setup.teacher is not None else _create_vit(options)
+    record["vit_forward_flops_per_image_analytic"] = vit_forward_flops(model, options.image_size)
+    record["xla_memory_per_device"] = timing["xla_memory"]
+    if setup.teacher is not None:
+        fwd = time_compiled(_teacher_forward(setup.teacher), (state.frozen["teacher"], batch),
+                            steps=options.steps, warmup=options.warmup, carry_state=False)
+        fwd.pop("outputs")
+        teacher_ms, teacher_std = _ms(fwd["times_s"])
+        record.update(
+            teacher_forward_ms_mean=teacher_ms, teacher_forward_ms_std=teacher_std,
+            teacher_forward_ms_min=1e3 * min(fwd["times_s"]),
+            teacher_share_min=1e3 * min(fwd["times_s"]) / record["step_ms_min"],
+            teacher_forward_flops=(fwd["flops_per_device"] * n if fwd["flops_per_device"] else None),
+            teacher_share=teacher_ms / step_ms)
+    del state, metrics
+    gc.collect()
+    record["memory"] = memory_snapshot()
+    jax.clear_caches()
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+
+def environment() -> dict:
+    """Versions, devices and host load: the context every figure must be read in."""
+    device = jax.local_devices()[0]
+    try:
+        cpus_usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus_usable = os.cpu_count()
+    return {"jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version(),
+            "backend": jax.default_backend(), "device_kind": device.device_kind,
+            "num_local_devices": jax.local_device_count(), "host_cpus": os.cpu_count(),
+            "host_cpus_usable": cpus_usable, "load_average_1m_at_start": os.getloadavg()[0],
+            "hostname": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def ratios(results: dict, statistic: str = "mean") -> dict:
+    """Step-time ratios of mode pairs measured in this run (see `RATIOS`).
+
+    Args:
+      results: mode -> record.
+      statistic: 'mean', 'median' or 'min' of the timed steps. On a shared host the min is the
+        least disturbed by other processes.
+
+    Returns:
+      name -> ratio, for the pairs whose modes both ran.
+    """
+    key = f"step_ms_{statistic}"
+    return {name: results[a][key] / results[b][key]
+            for name, (a, b) in RATIOS.items() if a in results and b in results}
+
+
+def header(env: dict, options: BenchmarkOptions) -> str:
+    lines = [f"remem_jax.benchmark: jax {env['jax']}, flax {env['flax']}, {env['num_local_devices']} x "
+             f"{env['device_kind']} ({env['backend']}), host CPUs {env['host_cpus_usable']}/{env['host_cpus']}, "
+             f"load average {env['load_average_1m_at_start']:.2f}",
+             f"ViT {options.model}" + (f" ({options.num_layers} layers)" if options.num_layers else "")
+             + f", image {options.image_size}, global batch {options.batch_size}, {options.dtype}, "
+             f"{options.warmup} warm-up + {options.steps} timed steps, synthetic on-device batch"]
+    if env["backend"] == "cpu":
+        lines.append("NOTE: CPU run. Absolute numbers are not representative of accelerators and depend "
+                     "on other load on this host; use only the ratios between modes of the same run.")
+    return "\n".join(lines)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    width = spec.split(".")[0]
+    return format("-", f">{width}") if value is None else format(value, spec)
+
+
+def table(results: dict) -> str:
+    """One row per mode."""
+    rows = [f"{'mode':<20} {'img/s':>8} {'step ms':>9} {'+-std':>7} {'min ms':>9} {'compile+1st s':>13} "
+            f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}  memory (see JSON)"]
+    for mode, r in results.items():
+        mem = r["memory"]
+        if mem["device_peak_bytes_in_use"] is not None:
+            mem_s = f"device peak {mem['device_peak_bytes_in_use'] / 2**30:.2f} GiB"
+        else:
+            mem_s = f"host peak RSS {mem['host_peak_rss_bytes'] / 2**30:.2f} GiB"
+        gflops = r["flops_per_step"] / 1e9 if r["flops_per_step"] is not None else None
+        rows.append(f"{mode:<20} {r['images_per_s']:>8.2f} {r['step_ms_mean']:>9.1f} {r['step_ms_std']:>7.1f} "
+                    f"{r['step_ms_min']:>9.1f} {r['compile_plus_first_step_s']:>13.1f} {_fmt(gflops, '10.1f')} "
+                    f"{_fmt(r['achieved_tflops'], '8.3f')} {_fmt(r['mfu'], '6.3f')}  {mem_s}")
+    return "\n".join(rows)
+
+
+def run_benchmark(options: BenchmarkOptions) -> dict:
+    """Runs every requested mode in order; prints the report; returns (and optionally writes) the JSON.
+
+    Args:
+      options: what to run.
+
+    Returns:
+      `{'environment', 'options', 'flops_source', 'results': {mode: record}, 'ratios'}`.
+    """
+    devices = jax.local_devices()
+    options.validate(len(devices))
+    env = environment()
+    print(header(env, options), flush=True)
+    batch = shard_batch(synthetic_batch(options.seed, options.batch_size, options.image_size,
+                                        options.num_classes, len(devices)), devices)
+    results = {}
+    for mode in dict.fromkeys(options.modes):
+        print(f"... {mode}", flush=True)
+        results[mode] = benchmark_mode(options, mode, batch, devices)
+    report = {"environment": dict(env, load_average_1m_at_end=os.getloadavg()[0]),
+              "options": dataclasses.asdict(options), "flops_source": FLOPS_SOURCE,
+              "memory_notes": ("device_peak_bytes_in_use: allocator high-water mark since process start "
+                               "(None on CPU); host_peak_rss_bytes: ru_maxrss of this process since start; "
+                               "both cumulative over the modes run so far. xla_memory_per_device: XLA's "
+                               "static buffer analysis of the compiled step, per mode."),
+              "results": results, "ratios": ratios(results), "ratios_of_min": ratios(results, "min")}
+    print(table(results))
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.3f} of mean step times, {report['ratios_of_min'][name]:.3f} of min (same run)")
+    if "distill" in results:
+        r = results["distill"]
+        print(f"distill teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
+              f"step = {100 * r['teacher_share']:.1f}% (min: {100 * r['teacher_share_min']:.1f}%; "
+              "teacher-only pmapped forward, same batch)")
+    if options.output:
+        directory = os.path.dirname(options.output)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(options.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {options.output}")
+    return report
+
+
+def main(argv: Sequence[str]) -> dict:
+    """Parses absl flags from `argv` (argv[0] is the program name) and runs the benchmark.
+
+    Args:
+      argv: e.g. `sys.argv`.
+
+    Returns:
+      The JSON report (see `run_benchmark`).
+
+    Raises:
+      absl.flags.Error: unknown or malformed flags; ValueError: inconsistent options.
+    """
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    if any(a in ("-h", "--help", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__)
+        print(flag_values.get_help())
+        return {}
+    rest = flag_values(list(argv))
+    if len(rest) > 1:
+        raise flags.Error(f"Unexpected positional arguments: {rest[1:]}.")
+    return run_benchmark(options_from_flags(flag_values))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv)
+    except (flags.Error, ValueError) as e:
+        print(f"remem_jax.benchmark: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,111 @@
+"""Runs the stages of a config: `python -m remem_jax.main --config=configs/digits.py --workdir=DIR`.
+
+Each stage reads what earlier stages wrote to the workdir and writes its own
+outputs there; a re-run resumes from the checkpoints and skips finished work.
+The final metrics of every stage go to `DIR/results.json`, the student table to
+`DIR/results.md`, and TensorBoard summaries to `DIR`.
+
+Mistakes in the input (an unknown config field or value, a missing checkpoint or
+dataset) end the program with a one-line message and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
+
+
+def stage_functions():
+    """Stage name -> function(RunContext) -> results dict."""
+    from remem_jax.train import distill, teacher
+    return {
+        "pretrain_teacher": teacher.pretrain_teacher,
+        "finetune_teacher": teacher.finetune_teacher,
+        "distill_student": distill.distill_student,
+    }
+
+
+class _QuietLibraries:
+    """Drops INFO records of orbax and jax internals so progress lines stay readable."""
+
+    def filter(self, record) -> bool:
+        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "jax", "tensorflow_datasets"))
+        return record.levelno > 20 or not noisy  # 20 = INFO
+
+
+def run(config, workdir: str) -> dict:
+    """Validates `config` and runs its stages in `workdir`; returns every stage's results."""
+    import jax
+    from clu import metric_writers
+
+    from remem_jax import config_validation
+    from remem_jax.train import common
+
+    stages = stage_functions()
+    config_validation.validate(config, stages)
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("JAX process %d/%d, %d local devices (%s).", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.devices()[0].platform)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    ctx = common.RunContext(config=config, workdir=workdir, writer=writer)
+    results_path = ctx.path("results.json")
+    ctx.results = common.read_json(results_path, default={})
+    ctx.results["config"] = config.to_dict()
+    for name in config.stages:
+        logging.info("=== stage %s ===", name)
+        ctx.results[name] = stages[name](ctx)
+        if jax.process_index() == 0:
+            common.write_json(results_path, ctx.results)
+    writer.close()
+    return ctx.results
+
+
+def _user_error_types():
+    from remem_jax import errors
+    from remem_jax.data import registry, sources
+    return (errors.UserError, registry.UnknownDatasetError, sources.DataNotFoundError)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except _user_error_types() as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"remem_jax: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _make_config_siblings_importable(argv):
+    """Config files import `configs.common`: put the folder holding `configs/` on sys.path."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
+            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+
+
+def _check_flags_or_exit(argv):
+    """Flag errors (unknown config field, bad override) -> one line, exit 2, no traceback."""
+    _make_config_siblings_importable(argv)
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"remem_jax: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    for name in ("config", "workdir"):
+        if flags.FLAGS[name].value is None:
+            print(f"remem_jax: error: --{name} is required.", file=sys.stderr)
+            sys.exit(2)
+    return rest
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_check_flags_or_exit)

@@ -1,0 +1,115 @@
+"""What every stage shares: the run context, optimizers from config, data, result files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from remem_jax import optim
+from remem_jax.data import pipeline
+from remem_jax.train import checkpointing, evaluate, loop
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class RunContext:
+    """A run: its config, workdir, summary writer, and the results gathered so far."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    writer: Any = None
+    results: dict = dataclasses.field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    @property
+    def num_classes(self) -> int:
+        return pipeline.get_num_classes(self.config.data, self.config.dataset)
+
+    @property
+    def metric(self) -> str:
+        return pipeline.get_metric(self.config.data, self.config.dataset)
+
+    def rng(self, *names: str) -> jax.Array:
+        """A key derived from the run seed and a stage-specific name (deterministic)."""
+        key = jax.random.PRNGKey(self.config.seed)
+        for name in names:
+            key = jax.random.fold_in(key, int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little"))
+        return key
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def warmup_steps(configured: int, total_steps: int, default_fraction: Optional[float] = None) -> int:
+    """-1 picks the default: `default_fraction` of the steps, or optim's min(500, 10%)."""
+    if configured >= 0:
+        return configured
+    if default_fraction is not None:
+        return int(default_fraction * total_steps)
+    return optim.default_warmup_steps(total_steps)
+
+
+def make_tx(section: ml_collections.ConfigDict, total_steps: int, *, warmup_fraction: Optional[float] = None):
+    """SGD momentum (or Adam) + cosine with linear warmup + decoupled wd + clip, from a config section."""
+    schedule = optim.warmup_cosine_schedule(
+        section.lr, total_steps, warmup_steps(section.warmup_steps, total_steps, warmup_fraction))
+    return optim.make_optimizer(
+        learning_rate=schedule, momentum=section.momentum, weight_decay=section.weight_decay,
+        grad_clip_norm=section.grad_clip_norm or None, optimizer=section.get("optimizer", "sgd"))
+
+
+def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup_alpha: float = 0.0
+                           ) -> Callable[[int], Any]:
+    def make(start_step: int):
+        return pipeline.make_train_iterator(
+            ctx.config.data, ctx.config.dataset, global_batch_size=batch_size, seed=seed,
+            start_step=start_step, mixup_alpha=mixup_alpha)
+    return make
+
+
+def eval_data(ctx: RunContext, batch_size: int):
+    return pipeline.make_eval_data(ctx.config.data, ctx.config.dataset, global_batch_size=batch_size)
+
+
+def make_evaluator(logits_fn: evaluate.LogitsFn, variables_of_state: Callable[[Any], Any],
+                   ctx: RunContext, batch_size: int) -> Callable[[Any], dict]:
+    """`replicated_state -> metrics` for the loop (exact eval on the configured eval split)."""
+    step = evaluate.make_eval_step(logits_fn, ctx.num_classes)
+    data = eval_data(ctx, batch_size)
+    return lambda state: evaluate.evaluate(step, variables_of_state(state), data)
+
+
+def loop_config(name: str, section: ml_collections.ConfigDict, steps: int, keep_steps=()) -> loop.LoopConfig:
+    return loop.LoopConfig(
+        name=name, num_steps=steps, global_batch_size=section.batch_size,
+        log_every=section.log_every, eval_every=section.eval_every,
+        checkpoint_every=section.checkpoint_every, keep_steps=tuple(keep_steps))
+
+
+def checkpointer(directory: str, keep_steps=()) -> checkpointing.StateCheckpointer:
+    return checkpointing.StateCheckpointer(os.path.abspath(directory), keep_steps=keep_steps)
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

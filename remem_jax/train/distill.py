@@ -1,0 +1,181 @@
+"""The `distill_student` stage: every kept teacher -> a CNN student, plus the scratch baseline.
+
+The teacher runs inside the step (frozen, inference mode, optionally bfloat16)
+on exactly the batch the student sees, mixup included; the student's BatchNorm
+statistics are averaged across devices and kept in the train state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from remem_jax import checkpoints, errors, losses
+from remem_jax.models import students
+from remem_jax.train import common, loop, state as state_lib, step as step_lib
+
+METHODS = ("kd", "dist", "patient")
+SCRATCH = "scratch"
+
+
+def distillation_objective(method: str, d) -> Any:
+    """`(student_logits, teacher_logits, soft_labels) -> loss` for a method and its config."""
+    if method == "kd":
+        return lambda s, t, y: losses.kd_loss(s, t, y, temperature=d.temperature, kd_weight=d.kd_weight)
+    if method == "dist":
+        return lambda s, t, y: losses.dist_objective(s, t, y, beta=d.dist_beta, gamma=d.dist_gamma, tau=d.dist_tau)
+    if method == "patient":
+        return lambda s, t, y: losses.patient_kd_loss(s, t, temperature=d.temperature)
+    if method == SCRATCH:
+        return lambda s, t, y: losses.softmax_cross_entropy(s, y)
+    raise errors.UserError(f"config.distill.method must be one of {METHODS}, got {method!r}.")
+
+
+def distillation_loss(student, teacher, objective):
+    """The step's loss. `frozen` holds the teacher's params (absent for scratch)."""
+    def loss_fn(params, frozen, batch_stats, batch, rng):
+        images = batch["image"]
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = jax.lax.stop_gradient(
+                teacher.apply({"params": frozen["teacher"]}, images.astype(teacher.dtype), train=False))
+        logits, new_state = student.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                          mutable=["batch_stats"], rngs={"dropout": rng})
+        loss = objective(logits, teacher_logits, batch["soft_label"])
+        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        if teacher_logits is not None:
+            metrics["teacher_agreement"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
+        return loss, {"batch_stats": new_state["batch_stats"], "metrics": metrics}
+    return loss_fn
+
+
+def kept_teachers(ctx: common.RunContext) -> list[dict]:
+    """Every teacher checkpoint the finetune stage exported (or the last of each setting)."""
+    teachers = []
+    for setting in ctx.config.finetune.settings:
+        kept = common.read_json(ctx.path("finetune", setting, "kept.json"), default={})
+        entries = [kept[k] for k in sorted(kept, key=int)]
+        if ctx.config.distill.teachers == "last":
+            entries = entries[-1:]
+        teachers.extend(entries)
+    if not teachers:
+        raise errors.UserError(f"No fine-tuned teachers in {ctx.path('finetune')}; run the 'finetune_teacher' "
+                               "stage first (put it before 'distill_student' in config.stages).")
+    return teachers
+
+
+@dataclasses.dataclass
+class StudentRunner:
+    """What every student of a stage shares, built (and compiled) once.
+
+    All kept teachers come from one base model, so one compiled step per
+    method serves every teacher: their parameters are step arguments.
+    """
+    ctx: common.RunContext
+    student: Any
+    init_variables: tuple[Any, Any]
+    tx: Any
+    steps: dict = dataclasses.field(default_factory=dict)
+    evaluator: Any = None
+
+    @classmethod
+    def create(cls, ctx: common.RunContext) -> "StudentRunner":
+        d = ctx.config.distill
+        extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
+        student = students.create_student(d.student, ctx.num_classes, dtype=common.DTYPES[d.dtype],
+                                          bn_axis_name="batch", **extra)
+        variables = students.init_student(student, ctx.rng("distill", "student-init"), ctx.config.data.image_size)
+        runner = cls(ctx, student, variables, common.make_tx(d, d.steps, warmup_fraction=0.05))
+        runner.evaluator = common.make_evaluator(
+            lambda v, x: student.apply(v, x, train=False),
+            lambda s: {"params": s.params, "batch_stats": s.batch_stats}, ctx, d.batch_size)
+        return runner
+
+    def step_fn(self, teacher, method: str):
+        key = (teacher, method)
+        if key not in self.steps:
+            objective = distillation_objective(method, self.ctx.config.distill)
+            self.steps[key] = step_lib.pmap_train_step(step_lib.make_train_step(
+                distillation_loss(self.student, teacher, objective), self.tx))
+        return self.steps[key]
+
+
+def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict]) -> dict:
+    """Distills one student from one teacher (or trains it from labels if none)."""
+    ctx = runner.ctx
+    d = ctx.config.distill
+    run_dir = ctx.path("distill", name)
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = common.read_json(summary_path)
+    if summary and summary.get("complete"):
+        logging.info("distill/%s: complete, skipping.", name)
+        return summary
+    teacher, frozen, method = None, {}, SCRATCH
+    if teacher_entry is not None:
+        teacher, teacher_params = checkpoints.load_augreg(
+            teacher_entry["checkpoint"], num_classes=ctx.num_classes, image_size=ctx.config.data.image_size,
+            dtype=common.DTYPES[ctx.config.teacher.dtype])
+        frozen, method = {"teacher": teacher_params}, d.method
+    params, batch_stats = runner.init_variables
+    state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
+                                         batch_stats=batch_stats)
+    mixup = d.mixup_alpha if method != SCRATCH else 0.0
+    make_iter = common.train_iterator_factory(ctx, d.batch_size, seed=ctx.config.seed, mixup_alpha=mixup)
+    final, history = loop.run(
+        common.loop_config(f"distill/{name}", d, d.steps), step_fn=runner.step_fn(teacher, method), state=state,
+        make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")),
+        evaluate=runner.evaluator, writer=ctx.writer)
+    checkpoints.save_augreg(os.path.join(run_dir, "student.npz"),
+                            {"params": final.params, "batch_stats": final.batch_stats})
+    summary = {"name": name, "complete": True, "student": d.student, "method": method,
+               "teacher": teacher_entry, "student_eval": history[-1] if history else {},
+               "student_params": common.param_count(final.params),
+               "student_checkpoint": os.path.join(run_dir, "student.npz")}
+    common.write_json(summary_path, summary)
+    return summary
+
+
+def results_table(rows: list[dict], metric: str) -> str:
+    """A markdown table: teacher checkpoint, teacher accuracy, student accuracy, method."""
+    lines = [f"| teacher | teacher step | teacher {metric} | student | method | student {metric} |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("teacher") or {}
+        teacher_acc = f"{100 * t[metric]:.2f}" if metric in t else "-"
+        lines.append(f"| {t.get('setting', SCRATCH)} | {t.get('step', '-')} | {teacher_acc} | {r['student']} | "
+                     f"{r['method']} | {100 * r['student_eval'].get(metric, float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def distill_student(ctx: common.RunContext) -> dict:
+    """Distills a student from every kept teacher, trains the scratch baseline, picks the best."""
+    d = ctx.config.distill
+    runner = StudentRunner.create(ctx)
+    rows = [train_student(runner, f"{t['setting']}_step{t['step']}", t) for t in kept_teachers(ctx)]
+    if d.scratch_baseline:
+        rows.append(train_student(runner, SCRATCH, None))
+    metric = ctx.metric
+    distilled = [r for r in rows if r["method"] != SCRATCH]
+    best = max(distilled, key=lambda r: r["student_eval"].get(metric, -1.0))
+    split = ("the held-out validation split" if ctx.config.data.validation_percent
+             else "the eval (test) split: no validation split is configured")
+    table = results_table(rows, metric)
+    best_dir = ctx.path("best_student")
+    os.makedirs(best_dir, exist_ok=True)
+    with np.load(best["student_checkpoint"]) as npz:
+        best_params = checkpoints.unflatten_params(dict(npz))
+    checkpoints.save_augreg(os.path.join(best_dir, "student.npz"), best_params)
+    common.checkpointer(os.path.join(best_dir, "orbax")).save(0, best_params)
+    report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
+                        f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
+                        f"Exported to {best_dir}/student.npz and {best_dir}/orbax."])
+    with open(ctx.path("results.md"), "w") as fh:
+        fh.write(report + "\n")
+    print(report)
+    return {"rows": rows, "best": best["name"], "metric": metric, "selected_on": split,
+            "best_dir": best_dir}

@@ -1,0 +1,139 @@
+"""The training loop shared by every stage: resume, steps, NaN guard, progress, eval, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from remem_jax import errors
+from remem_jax.train import checkpointing, step as step_lib
+
+StepFn = Callable[[Any, dict], tuple[Any, dict]]
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """What the loop needs to know about one training run."""
+    name: str                       # shown in logs and summaries, e.g. 'finetune/remem'
+    num_steps: int
+    global_batch_size: int
+    log_every: int = 50
+    eval_every: int = 0             # 0: evaluate only at kept steps and at the end
+    checkpoint_every: int = 0       # 0: only kept steps and the end
+    keep_steps: Sequence[int] = ()  # steps kept as checkpoints (and handed to `on_keep`)
+
+
+class Progress:
+    """Step, rate and ETA for a log line, measured between log points."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int):
+        self.total, self.batch = total_steps, batch_size
+        self._last_step, self._last_time = start_step, time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        step_time = (now - self._last_time) / steps
+        self._last_step, self._last_time = step, now
+        return {"step_time_s": step_time, "images_per_s": self.batch / step_time,
+                "eta_s": step_time * (self.total - step)}
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def _check_finite(metrics: dict, step: int, name: str, last_saved: Optional[int]) -> None:
+    if not bool(np.asarray(metrics["is_finite"])[0]):
+        loss = float(np.asarray(metrics["loss"])[0])
+        raise errors.NonFiniteLossError(
+            f"{name}: the loss became {loss} at step {step}; stopped without saving that state "
+            f"(last checkpoint: {'none' if last_saved is None else f'step {last_saved}'}). "
+            "Lower the learning rate or sam_rho, or check the data.")
+
+
+def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
+        make_train_iterator: Callable[[int], Iterator[dict]],
+        checkpointer: checkpointing.StateCheckpointer,
+        evaluate: Optional[Callable[[Any], dict[str, float]]] = None,
+        on_keep: Optional[Callable[[int, Any, dict], None]] = None,
+        writer: Any = None) -> tuple[Any, list[dict]]:
+    """Trains `state` (unreplicated, host) for `config.num_steps`, resuming if possible.
+
+    Args:
+      config: the run's settings.
+      step_fn: a pmapped `(replicated_state, batch) -> (state, metrics)`; metrics
+        carry `loss` and `is_finite` per device.
+      state: the initial state; replaced by the latest checkpoint when one exists.
+      make_train_iterator: `start_step -> iterator` yielding the batches of steps
+        `start_step + 1, ...` exactly as an uninterrupted run would.
+      checkpointer: where checkpoints live.
+      evaluate: `replicated_state -> metrics` (exact eval); None for no eval.
+      on_keep: called as `on_keep(step, host_state, eval_metrics)` at kept steps
+        (e.g. to export a teacher npz).
+      writer: a clu metric writer, or None.
+
+    Returns:
+      The final host state and the list of eval records (`{'step': ..., **metrics}`).
+
+    Raises:
+      NonFiniteLossError: a step produced a NaN/inf loss or gradient.
+    """
+    # `frozen` (a frozen base, a teacher) is rebuilt from its source checkpoint, never saved twice.
+    frozen = state.frozen
+    start = checkpointer.latest_step() or 0
+    if start:
+        logging.info("%s: resuming from step %d in %s", config.name, start, checkpointer.directory)
+        state = checkpointer.restore(start, state.replace(frozen={})).replace(frozen=frozen)
+    last_saved = start or None
+    replicated = step_lib.replicate(state)  # as the step returns it: no second compile
+    keep = set(config.keep_steps)
+    history: list[dict] = []
+    progress = Progress(config.num_steps, start, config.global_batch_size)
+    window: list[dict] = []
+    iterator = make_train_iterator(start)
+
+    for step in range(start + 1, config.num_steps + 1):
+        replicated, metrics = step_fn(replicated, next(iterator))
+        window.append(metrics)
+        is_log = step % config.log_every == 0 or step == config.num_steps
+        is_eval = (config.eval_every and step % config.eval_every == 0) or step in keep or step == config.num_steps
+        is_save = (config.checkpoint_every and step % config.checkpoint_every == 0) or step in keep \
+            or step == config.num_steps
+        if not (is_log or is_eval or is_save):
+            continue
+        host = [jax.device_get(m) for m in window]
+        for offset, m in enumerate(host):
+            _check_finite(m, step - len(host) + 1 + offset, config.name, last_saved)
+        window = []
+        if is_log:
+            scalars = {k: float(np.mean([np.asarray(m[k])[0] for m in host]))
+                       for k in host[-1] if k != "is_finite"}
+            scalars.update(progress.update(step))
+            logging.info("%s step %d/%d: loss %.4f, %.1f img/s, %.3f s/step, ETA %s", config.name, step,
+                         config.num_steps, scalars["loss"], scalars["images_per_s"], scalars["step_time_s"],
+                         _format_eta(scalars["eta_s"]))
+            if writer is not None:
+                writer.write_scalars(step, {f"{config.name}/train/{k}": v for k, v in scalars.items()})
+        record: dict = {}
+        if is_eval and evaluate is not None:
+            record = {"step": step, **evaluate(replicated)}
+            history.append(record)
+            logging.info("%s step %d eval: %s", config.name, step,
+                         ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+            if writer is not None:
+                writer.write_scalars(step, {f"{config.name}/eval/{k}": v for k, v in record.items() if k != "step"})
+        if is_save or step in keep:
+            host_state = checkpointing.unreplicate(replicated)
+            if step in keep and on_keep is not None:
+                on_keep(step, host_state, record)
+            checkpointer.save(step, host_state.replace(frozen={}))
+            last_saved = step
+    if writer is not None:
+        writer.flush()
+    return checkpointing.unreplicate(replicated), history

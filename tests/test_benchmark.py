@@ -1,0 +1,72 @@
+"""Smoke test of `python -m remem_jax.benchmark` (called in-process) on a one-block ViT-Ti/16 at 32 px.
+
+No assertion is made on timings. The FLOP counts are checked against the analytic ViT formula,
+which is written independently of XLA's cost analysis: a forward pass matches it, and SAM's extra
+gradient pass costs about three forward passes (backward = 2x forward).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from remem_jax import benchmark
+from remem_jax.models import vit
+
+TINY = ["--model=Ti_16", "--num_layers=1", "--image_size=32", "--batch_size=8", "--steps=1", "--warmup=1",
+        "--student=resnet18", "--num_classes=10"]
+
+
+def test_main_writes_complete_json(tmp_path):
+    out = tmp_path / "bench.json"
+    modes = "finetune_plain,finetune_sam,finetune_lora,distill"
+    returned = benchmark.main(["benchmark", *TINY, f"--modes={modes}", "--peak_tflops=1.0", f"--output={out}"])
+    report = json.loads(out.read_text())
+    assert report["results"].keys() == set(modes.split(","))
+    assert report["environment"]["num_local_devices"] == jax.local_device_count() == 8
+    for mode, r in report["results"].items():
+        for key in ("images_per_s", "step_ms_mean", "step_ms_median", "step_ms_min", "compile_s", "first_step_s",
+                    "compile_plus_first_step_s",
+                    "flops_per_step", "achieved_tflops", "mfu", "vit_forward_flops_per_image_analytic"):
+            assert r[key] > 0, (mode, key, r[key])
+        assert r["step_ms_std"] >= 0
+        assert r["per_device_batch_size"] == 1 and r["global_batch_size"] == 8
+        assert r["loss_finite"]
+        assert r["memory"]["host_peak_rss_bytes"] > 0
+        assert r["xla_memory_per_device"]["total_bytes"] > 0
+        assert r["trainable_params"] > 0
+    assert report["results"]["finetune_lora"]["frozen_params"] > 0
+    lora, full = report["results"]["finetune_lora"], report["results"]["finetune_plain"]
+    assert lora["trainable_params"] < full["trainable_params"]
+    distill = report["results"]["distill"]
+    assert distill["teacher_forward_ms_mean"] > 0 and distill["teacher_share"] > 0 and distill["teacher_share_min"] > 0
+    for key in ("ratios", "ratios_of_min"):
+        assert set(report[key]) == {"sam_over_plain", "lora_sam_over_full_sam"}
+        assert all(v > 0 for v in report[key].values())
+
+    # FLOPs: the per-device count times the devices must be the global step's. With one image per
+    # device the optimizer's per-parameter work is not negligible, so only SAM's extra gradient pass
+    # (forward + backward, ~3 forwards) and the teacher's forward are pinned down.
+    plain, sam = report["results"]["finetune_plain"], report["results"]["finetune_sam"]
+    forward = plain["vit_forward_flops_per_image_analytic"] * 8
+    assert plain["flops_per_step"] > 2.5 * forward
+    assert 2.5 < (sam["flops_per_step"] - plain["flops_per_step"]) / forward < 4.5
+    assert distill["teacher_forward_flops"] == pytest.approx(forward, rel=0.1)
+    assert returned["results"]["finetune_plain"]["step_ms_mean"] == plain["step_ms_mean"]
+
+
+def test_vit_forward_flops_matches_xla_cost_analysis():
+    model = vit.create_vit("Ti_16", 10, num_layers=2)
+    size = 64  # 17 tokens, so the attention term counts
+    images = jnp.zeros((1, size, size, 3))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    xla = jax.jit(model.apply).lower(params, images).compile().cost_analysis()["flops"]
+    # XLA also counts LayerNorm, softmax and GELU, which the formula leaves out (a few %).
+    assert benchmark.vit_forward_flops(model, size) == pytest.approx(xla, rel=0.05)
+
+
+@pytest.mark.parametrize("flag, message", [("--batch_size=12", "batch_size"), ("--modes=finetune,distill", "modes"),
+                                            ("--student=resnet9", "student")])
+def test_bad_options_raise(flag, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.main(["benchmark", *TINY, flag])

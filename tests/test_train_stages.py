@@ -1,0 +1,144 @@
+"""The training loop and teacher stages on the offline digits data: resume, NaN guard, export."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from remem_jax import checkpoints, errors, surgery
+from remem_jax.models import vit
+from remem_jax.train import common, state as state_lib, teacher
+
+IMAGE_SIZE = 16
+
+
+def tiny_config(**finetune):
+    c = digits.get_config()
+    c.data.image_size = IMAGE_SIZE
+    c.finetune.update(dict(steps=6, keep_steps=(3, 6), batch_size=16, lr=0.01, warmup_steps=1, eval_every=0,
+                           checkpoint_every=3, log_every=3, settings=("remem",), sam_rho=0.5, mlp_alpha=0.8))
+    c.finetune.update(finetune)
+    return c
+
+
+@pytest.fixture(scope="module")
+def teacher_npz(tmp_path_factory):
+    """A random 2-block ViT-Ti/8 saved as an AugReg npz (the real loading path)."""
+    model = vit.create_vit("Ti_8", 10, num_layers=2)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)))["params"]
+    # A non-zero head so the fine-tune starts from a model that depends on every block.
+    params["head"]["kernel"] = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (192, 10))) * 0.05
+    path = str(tmp_path_factory.mktemp("teacher") / "ti8.npz")
+    checkpoints.save_augreg(path, params)
+    return path
+
+
+def context(config, workdir, teacher_path):
+    config.teacher.checkpoint = teacher_path
+    return common.RunContext(config=config, workdir=str(workdir))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupting(factory, after_batches):
+    """Wraps a train-iterator factory so the run dies after `after_batches` batches."""
+    def make(start_step):
+        iterator = factory(start_step)
+
+        def gen():
+            for i, batch in enumerate(iterator):
+                if i == after_batches:
+                    raise Interrupt()
+                yield batch
+        return gen()
+    return make
+
+
+def final_params(workdir, setting="remem", step=6):
+    with np.load(os.path.join(workdir, "finetune", setting, "teachers", f"step_{step}.npz")) as npz:
+        return dict(npz)
+
+
+def test_resume_after_interruption_is_bit_identical(teacher_npz, tmp_path, monkeypatch):
+    uninterrupted = tmp_path / "a"
+    teacher.finetune_teacher(context(tiny_config(), uninterrupted, teacher_npz))
+
+    resumed = tmp_path / "b"
+    real_factory = common.train_iterator_factory
+    # Dies while fetching the 5th batch: steps 1-4 ran, the last checkpoint is step 3.
+    monkeypatch.setattr(common, "train_iterator_factory",
+                        lambda *a, **k: interrupting(real_factory(*a, **k), after_batches=4))
+    with pytest.raises(Interrupt):
+        teacher.finetune_teacher(context(tiny_config(), resumed, teacher_npz))
+    assert sorted(os.listdir(resumed / "finetune" / "remem" / "checkpoints")) == ["3"]
+    monkeypatch.setattr(common, "train_iterator_factory", real_factory)
+    summary = teacher.finetune_teacher(context(tiny_config(), resumed, teacher_npz))["remem"]
+
+    want, got = final_params(uninterrupted), final_params(resumed)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert [k["step"] for k in summary["kept"]] == [3, 6]
+
+
+def test_nan_loss_stops_the_run_without_saving(teacher_npz, tmp_path, monkeypatch):
+    real_factory = common.train_iterator_factory
+
+    def poisoned(*args, **kwargs):
+        def make(start_step):
+            for step, batch in enumerate(real_factory(*args, **kwargs)(start_step), start_step + 1):
+                if step == 5:
+                    batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+                yield batch
+        return make
+    monkeypatch.setattr(common, "train_iterator_factory", poisoned)
+    with pytest.raises(errors.NonFiniteLossError, match=r"became nan at step 5.*last checkpoint: step 3"):
+        teacher.finetune_teacher(context(tiny_config(), tmp_path, teacher_npz))
+    assert sorted(os.listdir(tmp_path / "finetune" / "remem" / "checkpoints")) == ["3"]
+
+
+def test_unfinished_save_is_never_resumed(tmp_path):
+    ckpt = common.checkpointer(str(tmp_path / "ckpt"))
+    state = {"w": np.arange(4.0), "step": np.asarray(2, np.int32)}
+    ckpt.save(2, state)
+    # What a save killed mid-write leaves behind: orbax's temporary directory.
+    os.makedirs(tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-1700000000" / "default")
+    fresh = common.checkpointer(str(tmp_path / "ckpt"))
+    assert fresh.latest_step() == 2
+    np.testing.assert_array_equal(fresh.restore(2, state)["w"], state["w"])
+
+
+@pytest.mark.parametrize("mode", ["lora", "adapter"])
+def test_exported_teacher_is_a_plain_npz_with_the_reweighted_logits(teacher_npz, tmp_path, mode):
+    config = tiny_config(mode=mode, steps=2, keep_steps=(2,), lora_rank=4, lora_alpha=4.0, lr=0.05,
+                         checkpoint_every=2)
+    ctx = context(config, tmp_path, teacher_npz)
+    summary = teacher.finetune_teacher(ctx)["remem"]
+    exported = summary["kept"][0]["checkpoint"]
+    plain_model, plain = checkpoints.load_augreg(exported)
+    assert plain_model.mlp_alpha == 1.0 and "lora" not in plain
+    assert ("Adapter_mlp" in plain["Transformer"]["encoderblock_0"]) == (mode == "adapter")
+
+    # Rebuild the reweighted model from the orbax checkpoint and compare logits.
+    model, base = checkpoints.load_augreg(teacher_npz, num_classes=10, image_size=IMAGE_SIZE, mlp_alpha=0.8)
+    if mode == "adapter":
+        model = model.clone(adapter_dim=192 // 16)
+    setup = teacher.setup_finetune(model, base, mode, ctx.rng("finetune", "remem", "surgery"),
+                                   image_size=IMAGE_SIZE, lora_rank=4, lora_alpha=4.0)
+    tx = common.make_tx(config.finetune, 2)
+    like = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.PRNGKey(0), frozen={})
+    restored = common.checkpointer(str(tmp_path / "finetune" / "remem" / "checkpoints")).restore(2, like)
+    reweighted = setup.combine(restored.params, setup.frozen)
+    assert not np.array_equal(reweighted["head"]["kernel"], base["head"]["kernel"])
+    if mode == "lora":  # B moved away from zero: the effective query kernel changed
+        changed = reweighted["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_1"]["query"]["kernel"]
+        assert not np.allclose(changed, base["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_1"]["query"]["kernel"])
+    else:
+        assert np.abs(reweighted["Transformer"]["encoderblock_1"]["Adapter_mlp"]["up"]["kernel"]).max() > 0
+    images = np.random.default_rng(0).uniform(-1, 1, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    want = model.apply({"params": reweighted}, images)
+    got = plain_model.apply({"params": plain}, images)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
