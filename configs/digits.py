@@ -23,9 +23,9 @@ def get_config():
 
     c.pretrain.variant = "Ti_8"       # 4x4 = 16 patches of 8 px at 32 px
     c.pretrain.num_layers = 4
-    c.pretrain.steps = 400
+    c.pretrain.steps = 500
     c.pretrain.batch_size = 64
-    c.pretrain.lr = 2e-3              # Adam (configs/common.py default optimizer for pretraining)
+    c.pretrain.lr = 1e-3              # Adam (configs/common.py default optimizer for pretraining)
     c.pretrain.warmup_steps = 30
     c.pretrain.checkpoint_every = 100
 
@@ -42,11 +42,11 @@ def get_config():
 
     c.distill.student = "resnet18"
     c.distill.method = "kd"
-    c.distill.steps = 150
-    c.distill.batch_size = 64
+    c.distill.steps = 100
+    c.distill.batch_size = 32
     c.distill.lr = 0.05
     c.distill.temperature = 2.0
     c.distill.kd_weight = 0.5
-    c.distill.checkpoint_every = 150
+    c.distill.checkpoint_every = 100
     c.distill.log_every = 50
     return c

@@ -43,13 +43,13 @@ def run(config, workdir: str) -> dict:
     """Validates `config` and runs its stages in `workdir`; returns every stage's results."""
     import jax
     from clu import metric_writers
+    from jax.experimental import multihost_utils
 
     from remem_jax import config_validation
     from remem_jax.train import common
 
     stages = stage_functions()
     config_validation.validate(config, stages)
-    os.makedirs(workdir, exist_ok=True)
     logging.info("JAX process %d/%d, %d local devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.devices()[0].platform)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -60,8 +60,9 @@ def run(config, workdir: str) -> dict:
     for name in config.stages:
         logging.info("=== stage %s ===", name)
         ctx.results[name] = stages[name](ctx)
-        if jax.process_index() == 0:
-            common.write_json(results_path, ctx.results)
+        common.write_json(results_path, ctx.results)
+        # Later stages read what this one wrote (process 0): every host waits for it.
+        multihost_utils.sync_global_devices(f"stage {name} done")
     writer.close()
     return ctx.results
 
@@ -97,8 +98,11 @@ def _check_flags_or_exit(argv):
     _make_config_siblings_importable(argv)
     try:
         rest = flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"remem_jax: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except Exception as e:  # config_flags raises several types for a bad file or override
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, (AttributeError, KeyError)):
+            detail = f"unknown config field {detail} (every field is listed in configs/common.py)"
+        print(f"remem_jax: error: {detail}", file=sys.stderr)
         sys.exit(2)
     for name in ("config", "workdir"):
         if flags.FLAGS[name].value is None:

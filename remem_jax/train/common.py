@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from remem_jax import optim
+from remem_jax import checkpoints, optim
 from remem_jax.data import pipeline
 from remem_jax.train import checkpointing, evaluate, loop
 
@@ -45,20 +45,48 @@ class RunContext:
         return key
 
 
-def write_json(path: str, value: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def is_chief() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-host run)."""
+    return jax.process_index() == 0
+
+
+def _gfile():
+    import tensorflow as tf  # tf.io.gfile reads and writes local paths and gs:// alike.
+    return tf.io.gfile
+
+
+def exists(path: str) -> bool:
+    return _gfile().exists(path)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically (temporary file, then rename); process 0 only."""
+    if not is_chief():
+        return
+    gfile = _gfile()
+    gfile.makedirs(os.path.dirname(path))
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    with gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    gfile.rename(tmp, path, overwrite=True)
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes JSON atomically; process 0 only."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def read_json(path: str, default: Any = None) -> Any:
-    if not os.path.exists(path):
+    if not exists(path):
         return default
-    with open(path) as f:
+    with _gfile().GFile(path) as f:
         return json.load(f)
+
+
+def save_params(path: str, params: Any) -> None:
+    """Saves a parameter tree as a flat npz (AugReg layout); process 0 only."""
+    if is_chief():
+        checkpoints.save_augreg(path, params)
 
 
 def warmup_steps(configured: int, total_steps: int, default_fraction: Optional[float] = None) -> int:

@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from remem_jax import checkpoints, errors, losses
@@ -130,7 +129,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
         common.loop_config(f"distill/{name}", d, d.steps), step_fn=runner.step_fn(teacher, method), state=state,
         make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")),
         evaluate=runner.evaluator, writer=ctx.writer)
-    checkpoints.save_augreg(os.path.join(run_dir, "student.npz"),
+    common.save_params(os.path.join(run_dir, "student.npz"),
                             {"params": final.params, "batch_stats": final.batch_stats})
     summary = {"name": name, "complete": True, "student": d.student, "method": method,
                "teacher": teacher_entry, "student_eval": history[-1] if history else {},
@@ -166,16 +165,14 @@ def distill_student(ctx: common.RunContext) -> dict:
              else "the eval (test) split: no validation split is configured")
     table = results_table(rows, metric)
     best_dir = ctx.path("best_student")
-    os.makedirs(best_dir, exist_ok=True)
-    with np.load(best["student_checkpoint"]) as npz:
-        best_params = checkpoints.unflatten_params(dict(npz))
-    checkpoints.save_augreg(os.path.join(best_dir, "student.npz"), best_params)
+    best_params = checkpoints.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
+    common.save_params(os.path.join(best_dir, "student.npz"), best_params)
     common.checkpointer(os.path.join(best_dir, "orbax")).save(0, best_params)
     report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
                         f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
                         f"Exported to {best_dir}/student.npz and {best_dir}/orbax."])
-    with open(ctx.path("results.md"), "w") as fh:
-        fh.write(report + "\n")
-    print(report)
+    common.write_text(ctx.path("results.md"), report + "\n")
+    if common.is_chief():
+        print(report)
     return {"rows": rows, "best": best["name"], "metric": metric, "selected_on": split,
             "best_dir": best_dir}

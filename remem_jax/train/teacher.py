@@ -100,7 +100,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
     p = ctx.config.pretrain
     out = pretrained_path(ctx)
     summary_path = ctx.path("pretrain", "summary.json")
-    if os.path.exists(out) and os.path.exists(summary_path):
+    if common.exists(out) and common.exists(summary_path):
         logging.info("pretrain_teacher: %s exists, skipping.", out)
         return common.read_json(summary_path)
     overrides = {"num_layers": p.num_layers} if p.num_layers else {}
@@ -111,7 +111,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
     final, history = train_classifier(
         ctx, "pretrain", setup, p, steps=p.steps, sam_rho=0.0, sync_perturbations=False, accum_steps=1,
         run_dir=ctx.path("pretrain"), seed_name="pretrain")
-    checkpoints.save_augreg(out, setup.combine(final.params, final.frozen))
+    common.save_params(out, setup.combine(final.params, final.frozen))
     summary = {"checkpoint": out, "variant": p.variant, "num_params": common.param_count(final.params),
                "eval": history[-1] if history else {}}
     common.write_json(summary_path, summary)
@@ -133,7 +133,7 @@ def teacher_checkpoint_path(ctx: common.RunContext) -> str:
     name = ctx.config.teacher.checkpoint
     if name == PRETRAINED_NAME:
         path = pretrained_path(ctx)
-        if not os.path.exists(path):
+        if not common.exists(path):
             raise errors.UserError(f"config.teacher.checkpoint is 'pretrain' but {path} does not exist; "
                                    "add 'pretrain_teacher' before 'finetune_teacher' in config.stages.")
         return path
@@ -148,7 +148,7 @@ def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None
     """
     params = surgery.fold_reweighting(params, mlp_alpha=model.mlp_alpha, attn_beta=model.attn_beta,
                                       residual_mode=model.residual_mode, num_layers=model.num_layers)
-    checkpoints.save_augreg(path, params)
+    common.save_params(path, params)
 
 
 def finetune_setting(ctx: common.RunContext, setting: str) -> dict:

@@ -1,0 +1,39 @@
+"""The command line: a user's mistake ends with one line and exit status 2, never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(tmp_path, *overrides):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "remem_jax.main", "--config=configs/digits.py",
+           f"--workdir={tmp_path}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.finetune.nope=1"], "nope"),
+    (["--config.finetune.mode=qlora"], "config.finetune.mode must be one of full, lora, adapter, head, got 'qlora'"),
+    (["--config.dataset=mnist"], "Unknown dataset 'mnist'"),
+    (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=/no/such/teacher.npz"],
+     "Checkpoint file '/no/such/teacher.npz' does not exist"),
+    (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=B_17"], "Unknown checkpoint name 'B_17'"),
+    (["--config.stages=('distill_student',)"], "No fine-tuned teachers"),
+])
+def test_user_errors_end_with_one_line(tmp_path, overrides, message):
+    result = run_cli(tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("remem_jax: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+def test_missing_workdir_flag():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "remem_jax.main", "--config=configs/digits.py"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--workdir is required" in result.stderr

@@ -1,0 +1,49 @@
+"""The embedded default end to end at a reduced step count: pretrain -> ReMem/vanilla -> students."""
+import json
+import os
+
+from configs import digits
+from remem_jax import main
+
+CHANCE = 0.1
+
+
+def reduced_config():
+    c = digits.get_config()
+    c.data.image_size = 16
+    c.pretrain.update(dict(num_layers=2, steps=150, batch_size=32, lr=3e-3, warmup_steps=10,
+                           checkpoint_every=150, log_every=50))
+    c.finetune.update(dict(steps=20, keep_steps=(10, 20), batch_size=32, warmup_steps=2, eval_every=0,
+                           checkpoint_every=20, log_every=10))
+    c.distill.update(dict(steps=40, batch_size=32, warmup_steps=2, checkpoint_every=40, log_every=20,
+                          lr=0.05, teachers="last"))
+    return c
+
+
+def test_digits_pipeline_end_to_end(tmp_path):
+    results = main.run(reduced_config(), str(tmp_path))
+
+    pretrain_acc = results["pretrain_teacher"]["eval"]["top1"]
+    assert pretrain_acc > 3 * CHANCE, "a ViT trained on digits must beat chance well above noise"
+    for setting in ("remem", "vanilla"):
+        kept = results["finetune_teacher"][setting]["kept"]
+        assert [k["step"] for k in kept] == [10, 20]
+        assert all(os.path.exists(k["checkpoint"]) for k in kept)
+        assert kept[-1]["top1"] > 3 * CHANCE, (setting, kept[-1])  # the fine-tuned teacher
+    assert results["finetune_teacher"]["remem"]["sam_rho"] == 0.5
+    assert results["finetune_teacher"]["vanilla"]["sam_rho"] == 0.0
+
+    rows = results["distill_student"]["rows"]
+    assert [r["name"] for r in rows] == ["remem_step20", "vanilla_step20", "scratch"]
+    for row in rows:
+        assert row["student_eval"]["num_examples"] == 450  # every eval example, exactly once
+        assert row["student_eval"]["top1"] > 3 * CHANCE, row
+    table = open(tmp_path / "results.md").read()
+    assert "| remem | 20 |" in table and "Best student:" in table and "selected on the eval (test) split" in table
+    assert os.path.exists(tmp_path / "best_student" / "student.npz")
+    on_disk = json.load(open(tmp_path / "results.json"))
+    assert set(on_disk) >= {"config", "pretrain_teacher", "finetune_teacher", "distill_student"}
+
+    # A second run finds everything done and repeats nothing.
+    again = main.run(reduced_config(), str(tmp_path))
+    assert again["distill_student"]["rows"] == rows
