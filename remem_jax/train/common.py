@@ -59,6 +59,10 @@ def exists(path: str) -> bool:
     return _gfile().exists(path)
 
 
+def remove_tree(path: str) -> None:
+    _gfile().rmtree(path)
+
+
 def write_text(path: str, text: str) -> None:
     """Writes a text file atomically (temporary file, then rename); process 0 only."""
     if not is_chief():

@@ -7,6 +7,7 @@ statistics are averaged across devices and kept in the train state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -70,30 +71,37 @@ def kept_teachers(ctx: common.RunContext) -> list[dict]:
 
 @dataclasses.dataclass
 class StudentRunner:
-    """What every student of a stage shares, built (and compiled) once.
+    """What every student of a stage shares, built (and compiled) once, when first needed.
 
     All kept teachers come from one base model, so one compiled step per
     method serves every teacher: their parameters are step arguments.
     """
     ctx: common.RunContext
-    student: Any
-    init_variables: tuple[Any, Any]
-    tx: Any
     steps: dict = dataclasses.field(default_factory=dict)
-    evaluator: Any = None
 
-    @classmethod
-    def create(cls, ctx: common.RunContext) -> "StudentRunner":
-        d = ctx.config.distill
+    @functools.cached_property
+    def student(self):
+        d = self.ctx.config.distill
         extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
-        student = students.create_student(d.student, ctx.num_classes, dtype=common.DTYPES[d.dtype],
-                                          bn_axis_name="batch", **extra)
-        variables = students.init_student(student, ctx.rng("distill", "student-init"), ctx.config.data.image_size)
-        runner = cls(ctx, student, variables, common.make_tx(d, d.steps, warmup_fraction=0.05))
-        runner.evaluator = common.make_evaluator(
+        return students.create_student(d.student, self.ctx.num_classes, dtype=common.DTYPES[d.dtype],
+                                       bn_axis_name="batch", **extra)
+
+    @functools.cached_property
+    def init_variables(self) -> tuple[Any, Any]:
+        return students.init_student(self.student, self.ctx.rng("distill", "student-init"),
+                                     self.ctx.config.data.image_size)
+
+    @functools.cached_property
+    def tx(self):
+        d = self.ctx.config.distill
+        return common.make_tx(d, d.steps, warmup_fraction=0.05)
+
+    @functools.cached_property
+    def evaluator(self):
+        student = self.student
+        return common.make_evaluator(
             lambda v, x: student.apply(v, x, train=False),
-            lambda s: {"params": s.params, "batch_stats": s.batch_stats}, ctx, d.batch_size)
-        return runner
+            lambda s: {"params": s.params, "batch_stats": s.batch_stats}, self.ctx, self.ctx.config.distill.batch_size)
 
     def step_fn(self, teacher, method: str):
         key = (teacher, method)
@@ -151,10 +159,25 @@ def results_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
+def export_best_student(best_dir: str, best: dict) -> None:
+    """Writes the best student as a plain npz and an orbax checkpoint; a re-run keeps it."""
+    marker = os.path.join(best_dir, "best.json")
+    previous = common.read_json(marker, default={})
+    if previous.get("student_checkpoint") == best["student_checkpoint"]:
+        return
+    params = checkpoints.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
+    common.save_params(os.path.join(best_dir, "student.npz"), params)
+    orbax_dir = os.path.join(best_dir, "orbax")
+    if common.exists(orbax_dir) and common.is_chief():  # a different best student from an earlier run
+        common.remove_tree(orbax_dir)
+    common.checkpointer(orbax_dir).save(0, params)
+    common.write_json(marker, {"name": best["name"], "student_checkpoint": best["student_checkpoint"]})
+
+
 def distill_student(ctx: common.RunContext) -> dict:
     """Distills a student from every kept teacher, trains the scratch baseline, picks the best."""
     d = ctx.config.distill
-    runner = StudentRunner.create(ctx)
+    runner = StudentRunner(ctx)
     rows = [train_student(runner, f"{t['setting']}_step{t['step']}", t) for t in kept_teachers(ctx)]
     if d.scratch_baseline:
         rows.append(train_student(runner, SCRATCH, None))
@@ -165,9 +188,7 @@ def distill_student(ctx: common.RunContext) -> dict:
              else "the eval (test) split: no validation split is configured")
     table = results_table(rows, metric)
     best_dir = ctx.path("best_student")
-    best_params = checkpoints.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
-    common.save_params(os.path.join(best_dir, "student.npz"), best_params)
-    common.checkpointer(os.path.join(best_dir, "orbax")).save(0, best_params)
+    export_best_student(best_dir, best)
     report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
                         f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
                         f"Exported to {best_dir}/student.npz and {best_dir}/orbax."])

@@ -128,7 +128,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
                          ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
             if writer is not None:
                 writer.write_scalars(step, {f"{config.name}/eval/{k}": v for k, v in record.items() if k != "step"})
-        if is_save or step in keep:
+        if is_save:
             host_state = checkpointing.unreplicate(replicated)
             if step in keep and on_keep is not None:
                 on_keep(step, host_state, record)
