@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.dist_beta = 1.0         # DIST inter-class weight
     c.distill.dist_gamma = 1.0        # DIST intra-class weight
     c.distill.dist_tau = 1.0          # DIST temperature
-    c.distill.mixup_alpha = 0.0       # mixup Beta(alpha, alpha) on the shared input; patient KD uses 0.8
+    c.distill.mixup_alpha = -1.0      # mixup Beta(alpha, alpha) on the shared input; -1: 0.8 for patient, 0 for kd/dist
     c.distill.scratch_baseline = True  # also train the student from labels only, same schedule
     c.distill.teachers = "all"        # 'all' kept teacher checkpoints, or 'last' of each setting
     c.distill.width_multiplier = 1.0  # MobileNetV2 width multiplier

@@ -84,7 +84,8 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _check(d.method in ("kd", "dist", "patient"), "distill.method", "one of kd, dist, patient", d.method)
         _check(d.temperature > 0, "distill.temperature", "> 0", d.temperature)
         _check(0.0 <= d.kd_weight <= 1.0, "distill.kd_weight", "in [0, 1]", d.kd_weight)
-        _check(d.mixup_alpha >= 0, "distill.mixup_alpha", ">= 0", d.mixup_alpha)
+        _check(d.mixup_alpha >= 0 or d.mixup_alpha == -1, "distill.mixup_alpha",
+               "-1 (the method's default) or >= 0", d.mixup_alpha)
         _check(d.teachers in ("all", "last"), "distill.teachers", "'all' or 'last'", d.teachers)
         _check(d.dtype in ("float32", "bfloat16"), "distill.dtype", "'float32' or 'bfloat16'", d.dtype)
     _check(config.teacher.dtype in ("float32", "bfloat16"), "teacher.dtype", "'float32' or 'bfloat16'",

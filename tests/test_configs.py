@@ -34,6 +34,13 @@ def test_data_defaults_match_the_data_module():
         assert defaults[key] == value, key
 
 
+def test_mixup_defaults_follow_the_method():
+    from remem_jax.train import distill
+    assert distill.mixup_alpha("patient", -1.0) == 0.8
+    assert distill.mixup_alpha("kd", -1.0) == 0.0 and distill.mixup_alpha("dist", -1.0) == 0.0
+    assert distill.mixup_alpha("kd", 0.2) == 0.2 and distill.mixup_alpha("scratch", 0.8) == 0.0
+
+
 def test_paper_defaults():
     c = common.get_config()
     assert c.teacher.checkpoint == "B_16" and c.data.image_size == 224

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -41,7 +42,7 @@ class RunContext:
         """A key derived from the run seed and a stage-specific name (deterministic)."""
         key = jax.random.PRNGKey(self.config.seed)
         for name in names:
-            key = jax.random.fold_in(key, int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little"))
+            key = jax.random.fold_in(key, zlib.crc32(name.encode()))
         return key
 
 

@@ -36,6 +36,18 @@ def distillation_objective(method: str, d) -> Any:
     raise errors.UserError(f"config.distill.method must be one of {METHODS}, got {method!r}.")
 
 
+PATIENT_MIXUP_ALPHA = 0.8  # Beyer et al.'s consistent mixup, the ReMem paper's Table 6
+
+
+def mixup_alpha(method: str, configured: float) -> float:
+    """The mixup Beta parameter of a method: -1 picks 0.8 for patient KD and none otherwise."""
+    if method == SCRATCH:
+        return 0.0
+    if configured < 0:
+        return PATIENT_MIXUP_ALPHA if method == "patient" else 0.0
+    return configured
+
+
 def distillation_loss(student, teacher, objective):
     """The step's loss. `frozen` holds the teacher's params (absent for scratch)."""
     def loss_fn(params, frozen, batch_stats, batch, rng):
@@ -131,7 +143,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
     params, batch_stats = runner.init_variables
     state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
                                          batch_stats=batch_stats)
-    mixup = d.mixup_alpha if method != SCRATCH else 0.0
+    mixup = mixup_alpha(method, d.mixup_alpha)
     make_iter = common.train_iterator_factory(ctx, d.batch_size, seed=ctx.config.seed, mixup_alpha=mixup)
     final, history = loop.run(
         common.loop_config(f"distill/{name}", d, d.steps), step_fn=runner.step_fn(teacher, method), state=state,
