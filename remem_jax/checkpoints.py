@@ -72,8 +72,9 @@ def resolve_checkpoint(path_or_name: str) -> str:
     return path_or_name
 
 
-def _gfile():
-    import tensorflow as tf  # Imported lazily: local files need no TensorFlow start-up.
+def gfile():
+    """`tf.io.gfile`, imported lazily: local npz files need no TensorFlow start-up."""
+    import tensorflow as tf
     return tf.io.gfile
 
 
@@ -83,12 +84,12 @@ def _is_remote(path: str) -> bool:
 
 
 def _exists(path: str) -> bool:
-    return _gfile().exists(path) if _is_remote(path) else os.path.exists(path)
+    return gfile().exists(path) if _is_remote(path) else os.path.exists(path)
 
 
 def _read_bytes(path: str) -> bytes:
     if _is_remote(path):
-        with _gfile().GFile(path, "rb") as f:
+        with gfile().GFile(path, "rb") as f:
             return f.read()
     with open(path, "rb") as f:
         return f.read()
@@ -315,10 +316,10 @@ def save_augreg(path: str, params: Mapping[str, Any]) -> None:
     np.savez(buffer, **flat)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     if _is_remote(path):
-        gfile = _gfile()
-        with gfile.GFile(tmp, "wb") as f:
+        fs = gfile()
+        with fs.GFile(tmp, "wb") as f:
             f.write(buffer.getvalue())
-        gfile.rename(tmp, path, overwrite=True)
+        fs.rename(tmp, path, overwrite=True)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:

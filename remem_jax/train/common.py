@@ -51,24 +51,19 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def _gfile():
-    import tensorflow as tf  # tf.io.gfile reads and writes local paths and gs:// alike.
-    return tf.io.gfile
-
-
 def exists(path: str) -> bool:
-    return _gfile().exists(path)
+    return checkpoints.gfile().exists(path)
 
 
 def remove_tree(path: str) -> None:
-    _gfile().rmtree(path)
+    checkpoints.gfile().rmtree(path)
 
 
 def write_text(path: str, text: str) -> None:
     """Writes a text file atomically (temporary file, then rename); process 0 only."""
     if not is_chief():
         return
-    gfile = _gfile()
+    gfile = checkpoints.gfile()
     gfile.makedirs(os.path.dirname(path))
     tmp = f"{path}.tmp"
     with gfile.GFile(tmp, "w") as f:
@@ -84,7 +79,7 @@ def write_json(path: str, value: Any) -> None:
 def read_json(path: str, default: Any = None) -> Any:
     if not exists(path):
         return default
-    with _gfile().GFile(path) as f:
+    with checkpoints.gfile().GFile(path) as f:
         return json.load(f)
 
 

@@ -97,6 +97,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
     progress = Progress(config.num_steps, start, config.global_batch_size)
     window: list[dict] = []
     iterator = make_train_iterator(start)
+    host_state = None  # the last saved state on the host; the final step always saves
 
     for step in range(start + 1, config.num_steps + 1):
         replicated, metrics = step_fn(replicated, next(iterator))
@@ -136,4 +137,6 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
             last_saved = step
     if writer is not None:
         writer.flush()
-    return checkpointing.unreplicate(replicated), history
+    if host_state is None:  # resumed at the last step: nothing ran
+        host_state = checkpointing.unreplicate(replicated)
+    return host_state, history
