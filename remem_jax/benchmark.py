@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from remem_jax import optim
+from remem_jax import optim, tree
 from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
 
@@ -136,10 +136,6 @@ def options_from_flags(flag_values: flags.FlagValues) -> BenchmarkOptions:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _param_count(tree: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def shard_batch(batch: Any, devices: Sequence[jax.Device]) -> Any:
     """Puts `[num_devices, per_device, ...]` host arrays on the devices, laid out as pmap's inputs
     (the same sharding `step.replicate` uses), so no step re-transfers the batch."""
@@ -219,8 +215,8 @@ def memory_snapshot() -> dict:
             "host_peak_rss_bytes": int(rss_kib) * 1024}
 
 
-def _block(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
+def _block(value: Any) -> Any:
+    return jax.block_until_ready(value)
 
 
 def time_compiled(fn: Callable, args: tuple, *, steps: int, warmup: int, carry_state: bool) -> dict:
@@ -345,8 +341,8 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
     state = step_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
         "mode": mode, "description": setup.description, "sam_rho": setup.sam_rho,
-        "trainable_params": _param_count(setup.state.params),
-        "frozen_params": _param_count(setup.state.frozen),
+        "trainable_params": tree.param_count(setup.state.params),
+        "frozen_params": tree.param_count(setup.state.frozen),
         "global_batch_size": options.batch_size, "per_device_batch_size": options.batch_size // n,
         "num_devices": n}
     setup.state = None  # the host copy; the replicated one is what runs

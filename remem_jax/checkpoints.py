@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import uuid
 import zipfile
 from typing import Any, Mapping, Optional
 
@@ -21,7 +19,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
-from remem_jax import errors
+from remem_jax import errors, files, tree
 from remem_jax.models import vit
 
 AUGREG_BUCKET = "gs://vit_models/augreg"
@@ -49,7 +47,6 @@ _LINEN_TO_RAW = {
     "LayerNorm_1": "LayerNorm_2",
     "MlpBlock_0": "MlpBlock_3",
 }
-_BLOCK_RE = re.compile(r"encoderblock_(\d+)")
 
 
 class CheckpointError(errors.UserError, ValueError):
@@ -72,38 +69,15 @@ def resolve_checkpoint(path_or_name: str) -> str:
     return path_or_name
 
 
-def gfile():
-    """`tf.io.gfile`, imported lazily: local npz files need no TensorFlow start-up."""
-    import tensorflow as tf
-    return tf.io.gfile
-
-
-def _is_remote(path: str) -> bool:
-    """gs://, and any other scheme TensorFlow's filesystems know (ram:// in tests)."""
-    return "://" in path
-
-
-def _exists(path: str) -> bool:
-    return gfile().exists(path) if _is_remote(path) else os.path.exists(path)
-
-
-def _read_bytes(path: str) -> bytes:
-    if _is_remote(path):
-        with gfile().GFile(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def load_npz(path: str) -> dict[str, np.ndarray]:
     """Reads a flat `{'a/b/c': array}` npz (local or gs://), with no pickles.
 
     Raises:
       CheckpointError: missing, truncated or not an npz file.
     """
-    if not _exists(path):
+    if not files.exists(path):
         raise CheckpointError(f"Checkpoint file {path!r} does not exist.")
-    data = _read_bytes(path)
+    data = files.read_bytes(path)
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -118,32 +92,6 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
             f"truncated or corrupt: {type(e).__name__}: {e}") from e
 
 
-def flatten_params(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
-    """Nested dict -> flat dict keyed by `sep`-joined paths (empty dicts dropped)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            for sub, leaf in flatten_params(value, sep).items():
-                flat[f"{key}{sep}{sub}"] = leaf
-        else:
-            flat[key] = value
-    return flat
-
-
-def unflatten_params(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
-    """Flat `sep`-joined dict -> nested dict (vit_jax `recover_tree`)."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(sep)
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise CheckpointError(f"Key {key!r} nests under a leaf at {part!r}.")
-        node[leaf] = value
-    return tree
-
-
 def to_raw_names(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Renames Linen-numbered block modules to the raw AugReg names; raw trees pass unchanged.
 
@@ -156,9 +104,9 @@ def to_raw_names(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         parts = key.split("/")
         for i, part in enumerate(parts[:-1]):
-            m = _BLOCK_RE.fullmatch(part)
-            if m:
-                blocks.add(int(m.group(1)))
+            index = tree.block_part_index(part)
+            if index is not None:
+                blocks.add(index)
                 if linen:
                     parts[i + 1] = _LINEN_TO_RAW.get(parts[i + 1], parts[i + 1])
         out["/".join(parts)] = value
@@ -186,7 +134,7 @@ def infer_vit_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     if len(kernel) != 4 or kernel[0] != kernel[1] or kernel[2] != 3:
         raise CheckpointError(f"embedding/kernel has shape {kernel}; expected (patch, patch, 3, D).")
     patch, hidden = kernel[0], kernel[3]
-    blocks = sorted({int(m.group(1)) for k in flat for m in [_BLOCK_RE.search(k)] if m})
+    blocks = tree.block_indices(flat)
     if not blocks:
         raise CheckpointError("Checkpoint has no Transformer/encoderblock_* keys.")
     first = "Transformer/encoderblock_0"
@@ -224,30 +172,6 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, has_class_token: bool = T
     grid = grid.reshape(old, old, -1)
     grid = scipy.ndimage.zoom(grid, (new / old, new / old, 1), order=1)
     return np.concatenate([token, grid.reshape(1, new * new, -1)], axis=1).astype(posemb.dtype)
-
-
-def check_params_match(params: Mapping[str, Any], expected: Mapping[str, Any], source: str) -> None:
-    """Raises one error listing every missing key, unexpected key and shape mismatch."""
-    got, want = flatten_params(params), flatten_params(expected)
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    shapes = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(np.shape(got[k]))}"
-              for k in sorted(set(got) & set(want)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
-    if missing or extra or shapes:
-        lines = [f"Parameters from {source} do not match the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if extra:
-            lines.append(f"  unexpected keys ({len(extra)}): {', '.join(extra)}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes))
-        raise CheckpointError("\n".join(lines))
-
-
-def expected_param_shapes(model: vit.VisionTransformer, image_size: int) -> dict[str, Any]:
-    """The model's parameter tree as ShapeDtypeStructs, without allocating it."""
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-    return jax.eval_shape(lambda im: model.init(jax.random.PRNGKey(0), im), x)["params"]
 
 
 def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
@@ -300,8 +224,8 @@ def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
         key = "Transformer/posembed_input/pos_embedding"
         flat[key] = resize_posemb(flat[key], (image_size // config["patch_size"]) ** 2 + 1)
 
-    params = unflatten_params({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    check_params_match(params, expected_param_shapes(model, image_size), repr(path))
+    params = tree.unflatten_params({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    tree.check_params_match(params, vit.param_shapes(model, image_size), repr(path), error=CheckpointError)
     return model, params
 
 
@@ -311,23 +235,7 @@ def save_augreg(path: str, params: Mapping[str, Any]) -> None:
     A crash mid-write never leaves a partial file at `path`. Works for local
     and gs:// paths.
     """
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten_params(params).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    if _is_remote(path):
-        fs = gfile()
-        with fs.GFile(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-        fs.rename(tmp, path, overwrite=True)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.atomic_write(path, buffer.getvalue())

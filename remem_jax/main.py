@@ -45,7 +45,7 @@ def run(config, workdir: str) -> dict:
     from clu import metric_writers
     from jax.experimental import multihost_utils
 
-    from remem_jax import config_validation
+    from remem_jax import config_validation, files
     from remem_jax.train import common
 
     stages = stage_functions()
@@ -55,7 +55,7 @@ def run(config, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ctx = common.RunContext(config=config, workdir=workdir, writer=writer)
     results_path = ctx.path("results.json")
-    ctx.results = common.read_json(results_path, default={})
+    ctx.results = files.read_json(results_path, default={})
     ctx.results["config"] = config.to_dict()
     for name in config.stages:
         logging.info("=== stage %s ===", name)

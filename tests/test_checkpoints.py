@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints
+from remem_jax import checkpoints, tree
 from remem_jax.checkpoints import CheckpointError
 from tests import augreg_format as fmt
 
@@ -31,7 +31,7 @@ def test_load_infers_variant_and_keeps_every_value(ti_ckpt):
     model, params = checkpoints.load_augreg(path)
     assert (model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim, model.patch_size,
             model.num_classes, model.representation_size) == (192, 3, 3, 768, 16, 21843, None)
-    got = checkpoints.flatten_params(params)
+    got = tree.flatten_params(params)
     assert sorted(got) == sorted(flat)
     for key, value in flat.items():
         np.testing.assert_array_equal(got[key], value)
@@ -100,7 +100,7 @@ def test_round_trip_is_exact(ti_ckpt, tmp_path):
 def test_gfile_paths_load_and_save_through_tensorflow():
     # ram:// is TensorFlow's in-memory filesystem: the same tf.io.gfile code path as gs://.
     flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 16, 32, 3, num_layers=1))
-    params = checkpoints.unflatten_params(flat)
+    params = tree.unflatten_params(flat)
     checkpoints.save_augreg("ram://remem/ckpt.npz", params)
     _, loaded = checkpoints.load_augreg("ram://remem/ckpt.npz")
     jax.tree.map(np.testing.assert_array_equal, params, loaded)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from remem_jax import checkpoints, surgery
+from remem_jax import checkpoints, surgery, tree
 from remem_jax.models import vit
 from tests import augreg_format as fmt
 
@@ -26,7 +26,7 @@ FOLD_RTOL = 2e-5  # float32 plain ViT on the folded weights vs float64 reweighte
 def _ckpt(num_layers, seed=0):
     flat = fmt.random_checkpoint(
         fmt.documented_layout("Ti", 16, SIZE, NUM_CLASSES, num_layers=num_layers), seed=seed)
-    return flat, checkpoints.unflatten_params(flat)
+    return flat, tree.unflatten_params(flat)
 
 
 def _model(num_layers, **overrides):
@@ -46,8 +46,8 @@ def rel_err(got, want):
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def _flat(tree):
-    return checkpoints.flatten_params(tree)
+def _flat(params):
+    return tree.flatten_params(params)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def ckpt12():
 
 def _vit_b_shapes():
     layout = fmt.documented_layout("B", 16, 224, 1000)
-    return checkpoints.unflatten_params(
+    return tree.unflatten_params(
         {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in layout.items()})
 
 
@@ -127,7 +127,7 @@ def test_init_lora_shapes_and_zero_b_gives_the_base_exactly():
 
 def _random_b(lora, seed=3):
     rng = np.random.default_rng(seed)
-    return checkpoints.unflatten_params({
+    return tree.unflatten_params({
         k: (rng.standard_normal(v.shape).astype(np.float32) * 0.05 if k.endswith("/b") else v)
         for k, v in _flat(lora).items()})
 
@@ -295,8 +295,8 @@ def _tree_with_everything():
 
 
 def test_trainable_predicates_select_the_right_leaves():
-    tree = _tree_with_everything()
-    paths = set(_flat(tree))
+    params_tree = _tree_with_everything()
+    paths = set(_flat(params_tree))
     head = {"head/kernel", "head/bias"}
     lora = {p for p in paths if p.startswith("lora/")}
     adapters = {f"Transformer/encoderblock_{i}/Adapter_{m}/{d}/{leaf}"
@@ -306,22 +306,22 @@ def test_trainable_predicates_select_the_right_leaves():
     cases = [("full", True, paths), ("head", True, head), ("lora", True, lora | head),
              ("lora", False, lora), ("adapter", True, adapters | head), ("adapter", False, adapters)]
     for mode, train_head, want in cases:
-        trainable, frozen = surgery.split_trainable(tree, mode, train_head=train_head)
+        trainable, frozen = surgery.split_trainable(params_tree, mode, train_head=train_head)
         assert set(_flat(trainable)) == want, mode
         assert set(_flat(frozen)) == paths - want, mode
-        mask = surgery.trainable_mask(tree, mode, train_head=train_head)
-        assert jax.tree.structure(mask) == jax.tree.structure(tree)
+        mask = surgery.trainable_mask(params_tree, mode, train_head=train_head)
+        assert jax.tree.structure(mask) == jax.tree.structure(params_tree)
         assert {k for k, v in _flat(mask).items() if v} == want
 
 
 @pytest.mark.parametrize("mode", surgery.TRAINABLE_MODES)
 def test_partition_and_merge_are_exact_inverses(mode):
-    tree = _tree_with_everything()
+    params_tree = _tree_with_everything()
     predicate = surgery.trainable_predicate(mode)
-    trainable, frozen = surgery.partition(tree, predicate)
+    trainable, frozen = surgery.partition(params_tree, predicate)
     merged = surgery.merge_partitions(trainable, frozen)
-    assert jax.tree.structure(merged) == jax.tree.structure(tree)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(tree)):
+    assert jax.tree.structure(merged) == jax.tree.structure(params_tree)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(params_tree)):
         assert got is want, path
     again = surgery.partition(merged, predicate)
     assert jax.tree.structure(again) == jax.tree.structure((trainable, frozen))
@@ -425,7 +425,7 @@ def test_fold_handles_adapters():
     model_plain = _model(12, adapter_dim=12)
     params = surgery.init_adapters(jax.random.PRNGKey(0), model_plain, params, SIZE)
     # Non-trivial adapters: realistic random down / up weights and biases.
-    params = checkpoints.unflatten_params({
+    params = tree.unflatten_params({
         k: (rng.standard_normal(np.shape(v)).astype(np.float32)
             * (0.3 / math.sqrt(np.shape(v)[0]) if k.endswith("kernel") else 0.05)
             if "Adapter_" in k else v)
@@ -437,7 +437,7 @@ def test_fold_handles_adapters():
     assert rel_err(_forward(model_plain, folded, images), want) < FOLD_RTOL
     no_adapters = {k: v for k, v in _flat(params).items() if "Adapter_" not in k}
     unadapted = _forward(_model(12, mlp_alpha=0.8, attn_beta=0.9, residual_mode="inverse"),
-                         checkpoints.unflatten_params(no_adapters), images)
+                         tree.unflatten_params(no_adapters), images)
     assert rel_err(unadapted, want) > 1e-2  # The adapters matter.
 
 

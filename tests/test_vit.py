@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints
+from remem_jax import checkpoints, tree
 from remem_jax.models import vit
 from tests import augreg_format as fmt
 
@@ -15,8 +15,8 @@ RTOL = 1e-5  # float32 model against the float64 reference: max |err| / max |ref
 
 
 def param_shapes(model, image_size):
-    return {k: tuple(v.shape) for k, v in checkpoints.flatten_params(
-        checkpoints.expected_param_shapes(model, image_size)).items()}
+    return {k: tuple(v.shape) for k, v in tree.flatten_params(
+        vit.param_shapes(model, image_size)).items()}
 
 
 def rel_err(got, want):
@@ -48,7 +48,7 @@ def _model_and_ckpt(name, image_size, num_classes=7, representation_size=None, s
     flat = fmt.random_checkpoint(fmt.documented_layout(
         variant, int(patch), image_size, num_classes, representation_size), seed=seed)
     model = vit.create_vit(name, num_classes, representation_size=representation_size, **overrides)
-    return model, flat, checkpoints.unflatten_params(flat)
+    return model, flat, tree.unflatten_params(flat)
 
 
 def _images(n, size, seed=1):

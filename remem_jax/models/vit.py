@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from remem_jax import tree
+
 Dtype = Any
 BlockFactor = Union[float, Sequence[float]]
 
@@ -358,8 +360,10 @@ def create_vit(variant: str, num_classes: Optional[int], **overrides) -> VisionT
     return VisionTransformer(num_classes=num_classes, **{**variant_config(variant), **overrides})
 
 
-def _block_index(name: str) -> int:
-    return int(name.rsplit("_", 1)[1])
+def param_shapes(model: VisionTransformer, image_size: int) -> dict[str, Any]:
+    """The model's parameter tree as ShapeDtypeStructs, without allocating it."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda im: model.init(jax.random.PRNGKey(0), im), x)["params"]
 
 
 def collect_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -378,9 +382,9 @@ def collect_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
       missing from the per-block lists of that branch.
     """
     def blocks(collection):
-        tree = state.get(collection, {}).get("Transformer", {})
-        names = sorted((k for k in tree if k.startswith("encoderblock_")), key=_block_index)
-        return [tree[k] for k in names]
+        sown = state.get(collection, {}).get("Transformer", {})
+        names = sorted((k for k in sown if tree.block_part_index(k) is not None), key=tree.block_part_index)
+        return [sown[k] for k in names]
 
     out: dict[str, Any] = {}
     if "tokens" in state:

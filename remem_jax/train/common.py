@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zlib
 from typing import Any, Callable, Optional
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from remem_jax import checkpoints, optim
+from remem_jax import checkpoints, files, optim
 from remem_jax.data import pipeline
 from remem_jax.train import checkpointing, evaluate, loop
 
@@ -51,36 +50,16 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
-def exists(path: str) -> bool:
-    return checkpoints.gfile().exists(path)
-
-
-def remove_tree(path: str) -> None:
-    checkpoints.gfile().rmtree(path)
-
-
 def write_text(path: str, text: str) -> None:
-    """Writes a text file atomically (temporary file, then rename); process 0 only."""
-    if not is_chief():
-        return
-    gfile = checkpoints.gfile()
-    gfile.makedirs(os.path.dirname(path))
-    tmp = f"{path}.tmp"
-    with gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    gfile.rename(tmp, path, overwrite=True)
+    """Writes a text file atomically; process 0 only."""
+    if is_chief():
+        files.write_text(path, text)
 
 
 def write_json(path: str, value: Any) -> None:
     """Writes JSON atomically; process 0 only."""
-    write_text(path, json.dumps(value, indent=2, sort_keys=True))
-
-
-def read_json(path: str, default: Any = None) -> Any:
-    if not exists(path):
-        return default
-    with checkpoints.gfile().GFile(path) as f:
-        return json.load(f)
+    if is_chief():
+        files.write_json(path, value)
 
 
 def save_params(path: str, params: Any) -> None:
@@ -137,7 +116,3 @@ def loop_config(name: str, section: ml_collections.ConfigDict, steps: int, keep_
 
 def checkpointer(directory: str, keep_steps=()) -> checkpointing.StateCheckpointer:
     return checkpointing.StateCheckpointer(os.path.abspath(directory), keep_steps=keep_steps)
-
-
-def param_count(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))

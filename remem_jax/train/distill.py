@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from remem_jax import checkpoints, errors, losses
+from remem_jax import checkpoints, errors, files, losses, tree
 from remem_jax.models import students
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
@@ -70,7 +70,7 @@ def kept_teachers(ctx: common.RunContext) -> list[dict]:
     """Every teacher checkpoint the finetune stage exported (or the last of each setting)."""
     teachers = []
     for setting in ctx.config.finetune.settings:
-        kept = common.read_json(ctx.path("finetune", setting, "kept.json"), default={})
+        kept = files.read_json(ctx.path("finetune", setting, "kept.json"), default={})
         entries = [kept[k] for k in sorted(kept, key=int)]
         if ctx.config.distill.teachers == "last":
             entries = entries[-1:]
@@ -130,7 +130,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
     d = ctx.config.distill
     run_dir = ctx.path("distill", name)
     summary_path = os.path.join(run_dir, "summary.json")
-    summary = common.read_json(summary_path)
+    summary = files.read_json(summary_path)
     if summary and summary.get("complete"):
         logging.info("distill/%s: complete, skipping.", name)
         return summary
@@ -153,7 +153,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
                             {"params": final.params, "batch_stats": final.batch_stats})
     summary = {"name": name, "complete": True, "student": d.student, "method": method,
                "teacher": teacher_entry, "student_eval": history[-1] if history else {},
-               "student_params": common.param_count(final.params),
+               "student_params": tree.param_count(final.params),
                "student_checkpoint": os.path.join(run_dir, "student.npz")}
     common.write_json(summary_path, summary)
     return summary
@@ -174,14 +174,14 @@ def results_table(rows: list[dict], metric: str) -> str:
 def export_best_student(best_dir: str, best: dict) -> None:
     """Writes the best student as a plain npz and an orbax checkpoint; a re-run keeps it."""
     marker = os.path.join(best_dir, "best.json")
-    previous = common.read_json(marker, default={})
+    previous = files.read_json(marker, default={})
     if previous.get("student_checkpoint") == best["student_checkpoint"]:
         return
-    params = checkpoints.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
+    params = tree.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
     common.save_params(os.path.join(best_dir, "student.npz"), params)
     orbax_dir = os.path.join(best_dir, "orbax")
-    if common.exists(orbax_dir) and common.is_chief():  # a different best student from an earlier run
-        common.remove_tree(orbax_dir)
+    if files.exists(orbax_dir) and common.is_chief():  # a different best student from an earlier run
+        files.remove_tree(orbax_dir)
     common.checkpointer(orbax_dir).save(0, params)
     common.write_json(marker, {"name": best["name"], "student_checkpoint": best["student_checkpoint"]})
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from remem_jax import checkpoints, errors, losses, surgery
+from remem_jax import checkpoints, errors, files, losses, surgery, tree
 from remem_jax.models import vit
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
@@ -100,9 +100,9 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
     p = ctx.config.pretrain
     out = pretrained_path(ctx)
     summary_path = ctx.path("pretrain", "summary.json")
-    if common.exists(out) and common.exists(summary_path):
+    if files.exists(out) and files.exists(summary_path):
         logging.info("pretrain_teacher: %s exists, skipping.", out)
-        return common.read_json(summary_path)
+        return files.read_json(summary_path)
     overrides = {"num_layers": p.num_layers} if p.num_layers else {}
     model = vit.create_vit(p.variant, ctx.num_classes, dtype=common.DTYPES[p.dtype], **overrides)
     size = ctx.config.data.image_size
@@ -112,7 +112,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
         ctx, "pretrain", setup, p, steps=p.steps, sam_rho=0.0, sync_perturbations=False, accum_steps=1,
         run_dir=ctx.path("pretrain"), seed_name="pretrain")
     common.save_params(out, setup.combine(final.params, final.frozen))
-    summary = {"checkpoint": out, "variant": p.variant, "num_params": common.param_count(final.params),
+    summary = {"checkpoint": out, "variant": p.variant, "num_params": tree.param_count(final.params),
                "eval": history[-1] if history else {}}
     common.write_json(summary_path, summary)
     return summary
@@ -133,7 +133,7 @@ def teacher_checkpoint_path(ctx: common.RunContext) -> str:
     name = ctx.config.teacher.checkpoint
     if name == PRETRAINED_NAME:
         path = pretrained_path(ctx)
-        if not common.exists(path):
+        if not files.exists(path):
             raise errors.UserError(f"config.teacher.checkpoint is 'pretrain' but {path} does not exist; "
                                    "add 'pretrain_teacher' before 'finetune_teacher' in config.stages.")
         return path
@@ -157,7 +157,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
     hp = setting_hyperparameters(f, setting)
     run_dir = ctx.path("finetune", setting)
     summary_path = os.path.join(run_dir, "summary.json")
-    summary = common.read_json(summary_path)
+    summary = files.read_json(summary_path)
     if summary and summary.get("complete"):
         logging.info("finetune_teacher/%s: complete in %s, skipping.", setting, run_dir)
         return summary
@@ -170,7 +170,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
         model = model.clone(adapter_dim=model.hidden_size // f.adapter_reduction)
     setup = setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"), image_size=size,
                            lora_rank=f.lora_rank, lora_alpha=f.lora_alpha, lora_targets=f.lora_targets)
-    kept = common.read_json(os.path.join(run_dir, "kept.json"), default={})
+    kept = files.read_json(os.path.join(run_dir, "kept.json"), default={})
 
     def on_keep(step, host_state, record):
         path = os.path.join(run_dir, "teachers", f"step_{step}.npz")
@@ -185,7 +185,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
         sync_perturbations=f.sync_perturbations, accum_steps=f.accum_steps, run_dir=run_dir,
         keep_steps=keep_steps, on_keep=on_keep, seed_name=f"finetune-{setting}")
     summary = {"setting": setting, "complete": True, **hp, "mode": f.mode,
-               "trainable_params": common.param_count(setup.trainable),
+               "trainable_params": tree.param_count(setup.trainable),
                "kept": [kept[str(s)] for s in keep_steps if str(s) in kept], "eval_history": history}
     common.write_json(summary_path, summary)
     return summary
