@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from remem_jax.models import mobilenet_v2
+from remem_jax.models import layers
 from remem_jax.models.students import STUDENTS, create_student, init_student
 
 # Parameter counts at 224 px and 1000 classes (BatchNorm running statistics excluded).
@@ -59,11 +59,11 @@ def test_mobilenet_v2_width_multiplier_matches_reference(width):
 
 def test_make_divisible_matches_torchvision():
     # Values of torchvision `_make_divisible(v, 8)` worked by hand from its definition.
-    assert mobilenet_v2.make_divisible(32 * 0.5) == 16
+    assert layers.make_divisible(32 * 0.5) == 16
     # int(18 + 4) // 8 * 8 = 16 < 0.9 * 18, so one more step of 8.
-    assert mobilenet_v2.make_divisible(24 * 0.75) == 24
-    assert mobilenet_v2.make_divisible(1280 * 1.4) == 1792
-    assert mobilenet_v2.make_divisible(3) == 8
+    assert layers.make_divisible(24 * 0.75) == 24
+    assert layers.make_divisible(1280 * 1.4) == 1792
+    assert layers.make_divisible(3) == 8
 
 
 def test_unknown_student_lists_known_names():
@@ -151,7 +151,7 @@ def test_stochastic_depth_drops_whole_samples():
     class Residual(nn.Module):
         @nn.compact
         def __call__(self, x, y, train):
-            return mobilenet_v2.residual(x, y, 1, 0.25, train)
+            return layers.residual(x, y, 1, 0.25, train)
 
     out = Residual().apply({}, x, y, True, rngs={"dropout": jax.random.key(0)})
     # A sample keeps its branch scaled by 1 / (1 - 0.25) or drops it entirely.

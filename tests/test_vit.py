@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints, tree
+from remem_jax import tree
 from remem_jax.models import vit
 from tests import augreg_format as fmt
 

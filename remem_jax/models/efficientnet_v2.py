@@ -14,7 +14,7 @@ stochastic depth growing linearly with the block index.
     variant pads stride-2 convs TF-"SAME" style; here all convs pad symmetrically.
 
 MBConv, squeeze-excitation and the conv-norm-activation unit are shared with
-MobileNetV2 (`mobilenet_v2.py`).
+MobileNetV2 (`layers.py`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from remem_jax.models.mobilenet_v2 import (ConvNormAct, MBConv, global_pool_head, make_divisible,
-                                           residual)
+from remem_jax.models.layers import (ConvNormAct, MBConv, global_pool_head, make_divisible,
+                                    residual)
 
 Dtype = Any
 BN_EPSILON = 1e-3

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remem_jax.models.mobilenet_v2 import batch_norm, conv_kernel_init, global_pool_head
+from remem_jax.models.layers import batch_norm, conv_kernel_init, global_pool_head
 
 Dtype = Any
 

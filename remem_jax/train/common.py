@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from remem_jax import checkpoints, files, optim
 from remem_jax.data import pipeline
