@@ -113,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.eval_every = 0          # steps between student evaluations (0: only at the end)
     c.distill.checkpoint_every = 1000  # steps between resume checkpoints
     c.distill.log_every = 100         # steps between progress lines / summaries
+    c.distill.export_formats = ("stablehlo", "savedmodel", "tflite")  # best student's verified serving exports (remem_jax/export.py); () = none
     return c
 
 

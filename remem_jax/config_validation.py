@@ -88,5 +88,8 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
                "-1 (the method's default) or >= 0", d.mixup_alpha)
         _check(d.teachers in ("all", "last"), "distill.teachers", "'all' or 'last'", d.teachers)
         _check(d.dtype in ("float32", "bfloat16"), "distill.dtype", "'float32' or 'bfloat16'", d.dtype)
+        from remem_jax.export import FORMATS
+        _check(all(f in FORMATS for f in d.get("export_formats", ())), "distill.export_formats",
+               f"a tuple of {', '.join(FORMATS)} (or () for none)", d.get("export_formats"))
     _check(config.teacher.dtype in ("float32", "bfloat16"), "teacher.dtype", "'float32' or 'bfloat16'",
            config.teacher.dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from remem_jax import checkpoints, errors, files, losses, tree
+from remem_jax import checkpoints, errors, export, files, losses, tree
 from remem_jax.models import students
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
@@ -201,11 +201,15 @@ def distill_student(ctx: common.RunContext) -> dict:
     table = results_table(rows, metric)
     best_dir = ctx.path("best_student")
     export_best_student(best_dir, best)
+    # model.json, then the serving formats (config.distill.export_formats), each verified on eval images.
+    serving = export.export_for_serving(ctx.config, best_dir, ctx.num_classes)
+    served = "".join(f", {best_dir}/{e['file']}" for e in (serving or {}).get("formats", {}).values())
     report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
                         f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
-                        f"Exported to {best_dir}/student.npz and {best_dir}/orbax."])
+                        f"Exported to {best_dir}/student.npz and {best_dir}/orbax{served}."])
     common.write_text(ctx.path("results.md"), report + "\n")
     if common.is_chief():
         print(report)
     return {"rows": rows, "best": best["name"], "metric": metric, "selected_on": split,
-            "best_dir": best_dir}
+            "best_dir": best_dir, "export": {f: {"file": e["file"], "max_abs_diff": e["max_abs_diff"]}
+                                             for f, e in (serving or {}).get("formats", {}).items()}}
