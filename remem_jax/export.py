@@ -637,34 +637,32 @@ def _flags():
 
 def main(argv, flag_values) -> None:
     del argv
-    if flag_values["student"].value is None:
+    student = flag_values["student"].value
+    if student is None:
         raise ExportError("--student is required (a student npz or the directory holding student.npz).")
     formats = check_formats(flag_values["formats"].value, "--formats")
+    student_dir = _student_dir(student)
     config = flag_values["config"].value
     info, data_config, dataset = None, None, None
     if config is not None:
         from remem_jax.data import pipeline
         data_config, dataset = config.data, config.dataset
-        student_dir = flag_values["student"].value
-        student_dir = student_dir if files.is_dir(student_dir) else os.path.dirname(student_dir)
-        if not files.exists(os.path.join(student_dir, MODEL_JSON)):
+        if not files.exists(os.path.join(student_dir, MODEL_JSON)):  # model.json, where there is one, wins
             info = model_info_from_config(config, pipeline.get_num_classes(config.data, config.dataset))
     images = None
     if flag_values["images"].value:
         paths = expand_image_paths(flag_values["images"].value)
-        size = info.image_size if info else read_model_info(_student_dir(flag_values["student"].value)).image_size
-        images = load_images(paths, size)
-    record = export_student(flag_values["student"].value, flag_values["out"].value, formats=formats, images=images,
-                            data_config=data_config, dataset=dataset, info=info,
-                            num_images=flag_values["num_images"].value)
-    out = flag_values["out"].value or _student_dir(flag_values["student"].value)
+        images = load_images(paths, (info or read_model_info(student_dir)).image_size)
+    out = flag_values["out"].value or student_dir
+    record = export_student(student, out, formats=formats, images=images, data_config=data_config, dataset=dataset,
+                            info=info, num_images=flag_values["num_images"].value)
     for fmt, entry in record["formats"].items():
         print(f"{fmt:10s} {os.path.join(out, entry['file'])}  max |logit diff| {entry['max_abs_diff']:.2e} "
               f"(tolerance {record['tolerance']:g}) on {record['num_images']} images")
 
 
 def _student_dir(path: str) -> str:
-    return path if files.is_dir(path) else os.path.dirname(path)
+    return path if files.is_dir(path) else os.path.dirname(path) or "."
 
 
 if __name__ == "__main__":
