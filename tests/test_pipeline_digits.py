@@ -16,7 +16,7 @@ def reduced_config():
     c.finetune.update(dict(steps=20, keep_steps=(10, 20), batch_size=32, warmup_steps=2, eval_every=0,
                            checkpoint_every=20, log_every=10))
     c.distill.update(dict(steps=40, batch_size=32, warmup_steps=2, checkpoint_every=40, log_every=20,
-                          lr=0.05, teachers="last"))
+                          lr=0.05, teachers="last", export_formats=("stablehlo",)))  # tests/test_export.py: all
     return c
 
 
@@ -41,6 +41,7 @@ def test_digits_pipeline_end_to_end(tmp_path):
     table = open(tmp_path / "results.md").read()
     assert "| remem | 20 |" in table and "Best student:" in table and "selected on the eval (test) split" in table
     assert os.path.exists(tmp_path / "best_student" / "student.npz")
+    assert json.load(open(tmp_path / "best_student" / "verification.json"))["formats"]["stablehlo"]["passed"]
     on_disk = json.load(open(tmp_path / "results.json"))
     assert set(on_disk) >= {"config", "pretrain_teacher", "finetune_teacher", "distill_student"}
 
