@@ -111,7 +111,9 @@ def exported(tmp_path_factory):
 
 
 def _flax(model, variables, images):
-    return np.asarray(jax.jit(lambda x: model.apply(variables, x, train=False))(images))
+    """This test's own Flax logits (compiled at XLA optimisation level 0, as in test_students.py)."""
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return np.asarray(fn.lower(variables, images).compile({"xla_backend_optimization_level": 0})(variables, images))
 
 
 def _check_stablehlo_file(directory):
@@ -228,77 +230,97 @@ def test_predict_returns_the_flax_models_classes(exported, tmp_path):
         assert int(np.argmax(logits)) == int(want[0])
 
 
-def _cli(module, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
-
-
-def test_predict_cli_prints_top_classes_with_names(exported, tmp_path):
-    directory, model, variables = exported("resnet18")
-    paths = _write_pngs(str(tmp_path), sizes=((16, 16), (20, 20)))
-    expected = [p.names for p in predict.classify(directory, paths, "tflite")]
-    result = _cli("remem_jax.predict", f"--model={directory}", f"--images={tmp_path}/*.png", "--format=tflite")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == paths[0] and lines[4] == paths[1]
-    assert [line.split()[1] for line in lines[1:4]] == expected[0]  # 3 classes: top-5 is top-3
-    assert [line.split()[1] for line in lines[5:8]] == expected[1]
-
-
-def _assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("remem_jax: error: "), result.stderr
-    assert [line for line in lines if line.startswith("remem_jax: error:")] == lines[-1:]
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
-
-
-@pytest.fixture
-def damaged(exported, tmp_path):
-    """A copy of an export whose TFLite file is truncated and whose SavedModel lost saved_model.pb."""
+def _make_damaged(directory, dest):
+    """A copy of an export whose TFLite file is truncated and whose SavedModel lost saved_model.pb,
+    plus an 8x8 PNG and a file that claims to be a PNG but is not one."""
     import shutil
-    directory, _, _ = exported("resnet18")
-    copy = str(tmp_path / "damaged")
+    copy = os.path.join(dest, "damaged")
     shutil.copytree(directory, copy)
     tflite = os.path.join(copy, "student.tflite")
     data = open(tflite, "rb").read()
     open(tflite, "wb").write(data[: len(data) // 3])
     os.remove(os.path.join(copy, "saved_model", "saved_model.pb"))
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(str(tmp_path / "good.png"))
-    open(tmp_path / "broken.png", "wb").write(b"\x89PNG\r\n\x1a\n this is no image")
-    return copy, str(tmp_path)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(dest, "good.png"))
+    open(os.path.join(dest, "broken.png"), "wb").write(b"\x89PNG\r\n\x1a\n this is no image")
+    return copy
 
 
-@pytest.mark.parametrize("case", ["unknown_format", "truncated_tflite", "no_saved_model_pb", "undecodable_image",
-                                  "no_images", "export_unknown_format"])
-def test_cli_errors_are_one_line_and_exit_2(damaged, case):
-    model, images = damaged
-    good, broken = os.path.join(images, "good.png"), os.path.join(images, "broken.png")
-    if case == "unknown_format":
-        result = _cli("remem_jax.predict", f"--model={model}", f"--images={good}", "--format=onnx")
-        _assert_one_line_error(result, "unknown export format 'onnx'", "savedmodel")
-    elif case == "truncated_tflite":
-        result = _cli("remem_jax.predict", f"--model={model}", f"--images={good}", "--format=tflite")
-        _assert_one_line_error(result, "student.tflite", "not a valid TFLite model")
-    elif case == "no_saved_model_pb":
-        result = _cli("remem_jax.predict", f"--model={model}", f"--images={good}", "--format=savedmodel")
-        _assert_one_line_error(result, "is not a SavedModel: it has no saved_model.pb")
-    elif case == "undecodable_image":
-        result = _cli("remem_jax.predict", f"--model={model}", f"--images={broken}", "--format=stablehlo")
-        _assert_one_line_error(result, "cannot decode image", "broken.png")
-    elif case == "no_images":
-        result = _cli("remem_jax.predict", f"--model={model}", f"--images={images}/*.jpg")
-        _assert_one_line_error(result, "no images at")
-    else:
-        result = _cli("remem_jax.export", f"--student={model}", "--formats=stablehlo,onnx")
-        _assert_one_line_error(result, "unknown export format 'onnx'")
+@pytest.fixture
+def damaged(exported, tmp_path):
+    return _make_damaged(exported("resnet18")[0], str(tmp_path))
 
 
-def test_loaders_reject_damaged_files(damaged):
-    model, _ = damaged
+# case -> (module, arguments, fragments of the one error line); {model}, {images}: see `cli_results`.
+CLI_ERRORS = {
+    "unknown_format": ("remem_jax.predict", ["--model={model}", "--images={images}/good.png", "--format=onnx"],
+                       ["unknown export format 'onnx'", "savedmodel"]),
+    "truncated_tflite": ("remem_jax.predict", ["--model={model}", "--images={images}/good.png", "--format=tflite"],
+                         ["student.tflite", "not a valid TFLite model"]),
+    "no_saved_model_pb": ("remem_jax.predict", ["--model={model}", "--images={images}/good.png",
+                                                "--format=savedmodel"],
+                          ["is not a SavedModel: it has no saved_model.pb"]),
+    "undecodable_image": ("remem_jax.predict", ["--model={model}", "--images={images}/broken.png",
+                                                "--format=stablehlo"], ["cannot decode image", "broken.png"]),
+    "no_images": ("remem_jax.predict", ["--model={model}", "--images={images}/*.jpg"], ["no images at"]),
+    "export_unknown_format": ("remem_jax.export", ["--student={model}", "--formats=stablehlo,onnx"],
+                              ["unknown export format 'onnx'"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_results(exported, tmp_path_factory):
+    """Every command line of this file, run at once in subprocesses (each waits ~10 s for TensorFlow's import).
+
+    Returns case -> (returncode, stdout, stderr, extra); the 'predict' case classifies two PNGs
+    of the exported resnet18 with --format=tflite (extra: the PNG paths), the others are
+    `CLI_ERRORS` on a damaged copy of that export.
+    """
+    directory = exported("resnet18")[0]
+    root = str(tmp_path_factory.mktemp("cli"))
+    model = _make_damaged(directory, root)
+    pngs = os.path.join(root, "pngs")
+    os.makedirs(pngs)
+    paths = _write_pngs(pngs, sizes=((16, 16), (20, 20)))
+    commands = {"predict": ("remem_jax.predict", [f"--model={directory}", f"--images={pngs}/*.png",
+                                                  "--format=tflite"])}
+    for case, (module, args, _) in CLI_ERRORS.items():
+        commands[case] = (module, [a.format(model=model, images=root) for a in args])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    running = {case: subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for case, (module, args) in commands.items()}
+    results = {}
+    for case, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[case] = (process.returncode, stdout, stderr, paths if case == "predict" else None)
+    return results
+
+
+def test_predict_cli_prints_top_classes_with_names(exported, cli_results):
+    directory = exported("resnet18")[0]
+    returncode, stdout, stderr, paths = cli_results["predict"]
+    assert returncode == 0, stderr
+    expected = [p.names for p in predict.classify(directory, paths, "tflite")]
+    lines = stdout.splitlines()
+    assert lines[0] == paths[0] and lines[4] == paths[1]
+    assert [line.split()[1] for line in lines[1:4]] == expected[0]  # 3 classes: top-5 is top-3
+    assert [line.split()[1] for line in lines[5:8]] == expected[1]
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERRORS))
+def test_cli_errors_are_one_line_and_exit_2(cli_results, case):
+    returncode, stdout, stderr, _ = cli_results[case]
+    assert returncode == 2, (returncode, stdout, stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("remem_jax: error: "), stderr
+    assert [line for line in lines if line.startswith("remem_jax: error:")] == lines[-1:]
+    for fragment in CLI_ERRORS[case][2]:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def test_loaders_reject_damaged_files(damaged, tmp_path):
+    model = damaged
     with pytest.raises(export.ExportError, match="not a valid TFLite model"):
         export.load_runner("tflite", model)
     with pytest.raises(export.ExportError, match="no saved_model.pb"):
@@ -309,6 +331,8 @@ def test_loaders_reject_damaged_files(damaged):
         export.load_runner("stablehlo", model)
     with pytest.raises(errors.UserError, match="unknown export format"):
         export.load_runner("onnx", model)
+    with pytest.raises(export.ExportError, match="cannot decode image"):
+        export.load_images([str(tmp_path / "broken.png")], SIZE)
 
 
 def test_failed_verification_names_the_format_and_writes_the_numbers(tmp_path, monkeypatch):
