@@ -29,6 +29,8 @@ setuptools.setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5",
+                 # tests/test_notebooks.py executes colabs/*.ipynb and checks their jupytext pairing.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16"],
     },
 )
