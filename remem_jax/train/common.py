@@ -8,15 +8,12 @@ import zlib
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from remem_jax import checkpoints, optim
 from remem_jax.data import pipeline
 from remem_jax.train import checkpointing, evaluate, loop
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass

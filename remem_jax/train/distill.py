@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from remem_jax import checkpoints, errors, losses
+from remem_jax.dtypes import DTYPES
 from remem_jax.models import students
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
@@ -95,7 +96,7 @@ class StudentRunner:
     def student(self):
         d = self.ctx.config.distill
         extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
-        return students.create_student(d.student, self.ctx.num_classes, dtype=common.DTYPES[d.dtype],
+        return students.create_student(d.student, self.ctx.num_classes, dtype=DTYPES[d.dtype],
                                        bn_axis_name="batch", **extra)
 
     @functools.cached_property
@@ -138,7 +139,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
     if teacher_entry is not None:
         teacher, teacher_params = checkpoints.load_augreg(
             teacher_entry["checkpoint"], num_classes=ctx.num_classes, image_size=ctx.config.data.image_size,
-            dtype=common.DTYPES[ctx.config.teacher.dtype])
+            dtype=DTYPES[ctx.config.teacher.dtype])
         frozen, method = {"teacher": teacher_params}, d.method
     params, batch_stats = runner.init_variables
     state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
