@@ -4,7 +4,8 @@ Dataset configs (configs/<dataset>.py) start from `get_config()` and change only
 what differs. Override any field on the command line:
 
   python -m remem_jax.main --config=configs/cifar100.py --workdir=/tmp/run \\
-      --config.finetune.steps=1000 --config.distill.student=mobilenet_v2
+      --config.finetune.steps=1000 --config.finetune.keep_steps="(500, 1000)" \\
+      --config.distill.student=mobilenet_v2
 """
 import ml_collections
 
@@ -65,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune = ml_collections.ConfigDict()
     c.finetune.settings = ("remem", "vanilla")  # 'remem' uses the fields below; 'vanilla' forces rho 0, alpha = beta = 1
     c.finetune.steps = 10_000         # optimizer steps (paper grid: 500 ... 10000)
-    c.finetune.keep_steps = (500, 1000, 3000, 5000, 7000, 10_000)  # teacher checkpoints kept and distilled (<= steps)
+    c.finetune.keep_steps = (500, 1000, 3000, 5000, 7000, 10_000)  # teacher checkpoints kept and distilled (each <= steps; steps is always kept)
     c.finetune.batch_size = 512       # global batch size
     c.finetune.accum_steps = 1        # micro-batches per step (gradient accumulation)
     c.finetune.lr = 0.03              # peak learning rate (paper grid 0.005 ... 0.5)

@@ -1,19 +1,30 @@
-"""Start-up validation of a run config; every error names the field, the expected and the actual value."""
+"""Start-up validation of a run config; every error names the field, the expected and the actual value.
+
+The allowed values of a field are owned by the module that implements them (modes in `surgery`,
+methods in `train.distill`, students in `models.students`, ...); this module only reads them.
+"""
 from __future__ import annotations
+
+from typing import Iterable, Optional
 
 import ml_collections
 
+from remem_jax import optim, surgery
+from remem_jax.data import registry
+from remem_jax.dtypes import DTYPES
 from remem_jax.errors import UserError
+from remem_jax.models import students, vit
+from remem_jax.train import distill, teacher
 
 
-def _check(condition: bool, field: str, expected: str, value) -> None:
+def _check(condition: bool, field: str, expected: str, value, detail: Optional[str] = None) -> None:
     if not condition:
-        raise UserError(f"config.{field} must be {expected}, got {value!r}.")
+        raise UserError(f"config.{field} must be {expected}, got {value!r}" + (f"; {detail}." if detail else "."))
 
 
-def _positive_int(c, field):
-    value = _get(c, field)
-    _check(isinstance(value, int) and value > 0, field, "a positive integer", value)
+def _one_of(field: str, value, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    _check(value in allowed, field, f"one of {', '.join(allowed)}", value)
 
 
 def _get(c, field):
@@ -23,10 +34,23 @@ def _get(c, field):
     return node
 
 
+def _positive_int(c, field):
+    value = _get(c, field)
+    _check(isinstance(value, int) and value > 0, field, "a positive integer", value)
+
+
 def _warmup(c, section):
     s = c[section]
     _check(s.warmup_steps == -1 or 0 <= s.warmup_steps < s.steps, f"{section}.warmup_steps",
            f"-1 (default) or in [0, {section}.steps={s.steps})", s.warmup_steps)
+
+
+def _keep_steps(f) -> None:
+    keep = tuple(f.keep_steps)
+    _check(all(isinstance(s, int) and s > 0 for s in keep), "finetune.keep_steps", "positive step numbers", f.keep_steps)
+    too_late = [s for s in keep if s > f.steps]
+    _check(not too_late, "finetune.keep_steps", f"step numbers <= finetune.steps ({f.steps})", f.keep_steps,
+           f"{too_late} would never be reached")
 
 
 def validate(config: ml_collections.ConfigDict, stage_names) -> None:
@@ -41,14 +65,20 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
            config.data.validation_percent)
     _check(0.0 <= config.data.few_shot_fraction <= 1.0, "data.few_shot_fraction", "in [0, 1]",
            config.data.few_shot_fraction)
+    _one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     if "pretrain_teacher" in stages:
         p = config.pretrain
         for f in ("steps", "batch_size"):
             _positive_int(config, f"pretrain.{f}")
+        try:
+            vit.variant_config(p.variant)
+        except ValueError as e:
+            raise UserError(f"config.pretrain.variant: {e}") from None
         _check(p.lr > 0, "pretrain.lr", "> 0", p.lr)
         _warmup(config, "pretrain")
-        _check(p.optimizer in ("sgd", "adam"), "pretrain.optimizer", "'sgd' or 'adam'", p.optimizer)
+        _one_of("pretrain.optimizer", p.optimizer, optim.OPTIMIZERS)
+        _one_of("pretrain.dtype", p.dtype, DTYPES)
 
     if "finetune_teacher" in stages:
         f = config.finetune
@@ -59,18 +89,15 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _check(0.0 <= f.sam_rho <= 10.0, "finetune.sam_rho", "in [0, 10] (paper: 0.005, 0.05, 0.5)", f.sam_rho)
         _check(0.0 < f.mlp_alpha <= 2.0, "finetune.mlp_alpha", "in (0, 2] (1 = pretrained)", f.mlp_alpha)
         _check(0.0 < f.attn_beta <= 2.0, "finetune.attn_beta", "in (0, 2] (1 = pretrained)", f.attn_beta)
-        _check(f.residual_mode in ("two_minus", "inverse"), "finetune.residual_mode",
-               "'two_minus' or 'inverse'", f.residual_mode)
-        _check(f.mode in ("full", "lora", "adapter", "head"), "finetune.mode",
-               "one of full, lora, adapter, head", f.mode)
-        _check(len(f.settings) > 0 and all(s in ("remem", "vanilla") for s in f.settings),
-               "finetune.settings", "a non-empty list of 'remem', 'vanilla'", f.settings)
-        _check(all(isinstance(s, int) and 0 < s for s in f.keep_steps), "finetune.keep_steps",
-               "positive step numbers", f.keep_steps)
+        _one_of("finetune.residual_mode", f.residual_mode, vit.RESIDUAL_MODES)
+        _one_of("finetune.mode", f.mode, surgery.TRAINABLE_MODES)
+        _check(len(f.settings) > 0 and all(s in teacher.SETTINGS for s in f.settings),
+               "finetune.settings", f"a non-empty list of {', '.join(teacher.SETTINGS)}", f.settings)
+        _keep_steps(f)
         _check(f.lora_rank > 0, "finetune.lora_rank", "a positive integer", f.lora_rank)
-        _check(f.lora_targets in ("qv", "all"), "finetune.lora_targets", "'qv' or 'all'", f.lora_targets)
+        _one_of("finetune.lora_targets", f.lora_targets, surgery.LORA_PRESETS)
         _check(f.adapter_reduction > 0, "finetune.adapter_reduction", "a positive integer", f.adapter_reduction)
-        _check(f.dtype in ("float32", "bfloat16"), "finetune.dtype", "'float32' or 'bfloat16'", f.dtype)
+        _one_of("finetune.dtype", f.dtype, DTYPES)
         _check(0.0 <= f.momentum < 1.0, "finetune.momentum", "in [0, 1)", f.momentum)
         _check(f.batch_size % f.accum_steps == 0, "finetune.accum_steps",
                f"a divisor of finetune.batch_size ({f.batch_size})", f.accum_steps)
@@ -79,14 +106,14 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         d = config.distill
         for name in ("steps", "batch_size"):
             _positive_int(config, f"distill.{name}")
+        _one_of("distill.student", d.student, students.STUDENTS)
         _check(d.lr > 0, "distill.lr", "> 0", d.lr)
         _warmup(config, "distill")
-        _check(d.method in ("kd", "dist", "patient"), "distill.method", "one of kd, dist, patient", d.method)
+        _one_of("distill.method", d.method, distill.METHODS)
         _check(d.temperature > 0, "distill.temperature", "> 0", d.temperature)
         _check(0.0 <= d.kd_weight <= 1.0, "distill.kd_weight", "in [0, 1]", d.kd_weight)
         _check(d.mixup_alpha >= 0 or d.mixup_alpha == -1, "distill.mixup_alpha",
                "-1 (the method's default) or >= 0", d.mixup_alpha)
-        _check(d.teachers in ("all", "last"), "distill.teachers", "'all' or 'last'", d.teachers)
-        _check(d.dtype in ("float32", "bfloat16"), "distill.dtype", "'float32' or 'bfloat16'", d.dtype)
-    _check(config.teacher.dtype in ("float32", "bfloat16"), "teacher.dtype", "'float32' or 'bfloat16'",
-           config.teacher.dtype)
+        _one_of("distill.teachers", d.teachers, distill.TEACHER_SELECTIONS)
+        _one_of("distill.dtype", d.dtype, DTYPES)
+    _one_of("teacher.dtype", config.teacher.dtype, DTYPES)

@@ -17,8 +17,12 @@ def run_cli(tmp_path, *overrides):
 
 @pytest.mark.parametrize("overrides,message", [
     (["--config.finetune.nope=1"], "nope"),
-    (["--config.finetune.mode=qlora"], "config.finetune.mode must be one of full, lora, adapter, head, got 'qlora'"),
+    (["--config.finetune.mode=qlora"], "config.finetune.mode must be one of full, head, lora, adapter, got 'qlora'"),
     (["--config.dataset=mnist"], "Unknown dataset 'mnist'"),
+    (["--config.distill.student=resnet19"], "config.distill.student must be one of resnet18, resnet34, resnet50, "
+     "mobilenet_v2, efficientnet_v2_b0, efficientnet_v2_s, got 'resnet19'."),
+    (["--config.finetune.keep_steps=(50,500)"], "config.finetune.keep_steps must be step numbers <= "
+     "finetune.steps (100), got (50, 500); [500] would never be reached."),
     (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=/no/such/teacher.npz"],
      "Checkpoint file '/no/such/teacher.npz' does not exist"),
     (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=B_17"], "Unknown checkpoint name 'B_17'"),

@@ -52,16 +52,69 @@ def test_paper_defaults():
 
 @pytest.mark.parametrize("field,value,match", [
     ("finetune.sam_rho", -0.1, r"config.finetune.sam_rho must be in \[0, 10\].*got -0.1"),
-    ("finetune.mode", "qlora", r"config.finetune.mode must be one of full, lora, adapter, head, got 'qlora'"),
+    ("finetune.mode", "qlora", r"config.finetune.mode must be one of full, head, lora, adapter, got 'qlora'"),
     ("finetune.mlp_alpha", 0.0, r"config.finetune.mlp_alpha must be in \(0, 2\]"),
     ("finetune.batch_size", 0, r"config.finetune.batch_size must be a positive integer, got 0"),
     ("distill.method", "fitnet", r"config.distill.method must be one of kd, dist, patient, got 'fitnet'"),
     ("distill.kd_weight", 1.5, r"config.distill.kd_weight must be in \[0, 1\]"),
     ("stages", ("finetune_teacher", "train_everything"), r"config.stages must be a list of .*'train_everything'"),
+    ("distill.student", "resnet19", r"config.distill.student must be one of resnet18, resnet34, resnet50, "
+     r"mobilenet_v2, efficientnet_v2_b0, efficientnet_v2_s, got 'resnet19'\."),
+    ("finetune.keep_steps", (500, 20_000, 30_000), r"config.finetune.keep_steps must be step numbers <= "
+     r"finetune.steps \(10000\), got \(500, 20000, 30000\); \[20000, 30000\] would never be reached\."),
+    ("finetune.keep_steps", (0, 500), r"config.finetune.keep_steps must be positive step numbers, got \(0, 500\)"),
+    ("finetune.residual_mode", "square", r"config.finetune.residual_mode must be one of two_minus, inverse, got 'square'"),
+    ("finetune.lora_targets", "qkv", r"config.finetune.lora_targets must be one of qv, all, got 'qkv'"),
+    ("finetune.settings", ("remem", "sam"), r"config.finetune.settings must be a non-empty list of remem, vanilla"),
+    ("finetune.dtype", "float16", r"config.finetune.dtype must be one of float32, bfloat16, got 'float16'"),
+    ("distill.teachers", "best", r"config.distill.teachers must be one of all, last, got 'best'"),
+    ("data.image_folder_metric", "top5", r"config.data.image_folder_metric must be one of top1, mean_per_class"),
 ])
 def test_validation_names_the_field(field, value, match):
     config = common.get_config()
     section, _, key = field.rpartition(".")
     (config[section] if section else config)[key] = value
     with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("pretrain.optimizer", "lamb", r"config.pretrain.optimizer must be one of sgd, adam, got 'lamb'"),
+    ("pretrain.dtype", "half", r"config.pretrain.dtype must be one of float32, bfloat16, got 'half'"),
+    ("pretrain.variant", "H_14", r"config.pretrain.variant: Unknown ViT variant 'H_14'"),
+])
+def test_pretrain_validation_names_the_field(field, value, match):
+    config = common.get_config()
+    config.stages = ("pretrain_teacher",)
+    section, _, key = field.rpartition(".")
+    config[section][key] = value
+    with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)
+
+
+def test_allowed_values_come_from_the_implementing_modules():
+    """Each error lists exactly what the implementing module accepts (one owner per list)."""
+    from remem_jax import optim, surgery
+    from remem_jax.dtypes import DTYPES
+    from remem_jax.models import students, vit
+    from remem_jax.train import distill, teacher
+    owners = {"finetune.mode": surgery.TRAINABLE_MODES, "finetune.lora_targets": tuple(surgery.LORA_PRESETS),
+              "finetune.residual_mode": vit.RESIDUAL_MODES, "finetune.dtype": tuple(DTYPES),
+              "distill.student": tuple(students.STUDENTS), "distill.method": distill.METHODS,
+              "distill.teachers": distill.TEACHER_SELECTIONS}
+    for field, allowed in owners.items():
+        config = common.get_config()
+        section, key = field.split(".")
+        config[section][key] = "no-such-value"
+        with pytest.raises(UserError) as err:
+            config_validation.validate(config, STAGES)
+        assert f"one of {', '.join(allowed)}, got 'no-such-value'" in str(err.value), field
+    config = common.get_config()
+    config.finetune.settings = ("nope",)
+    with pytest.raises(UserError, match=", ".join(teacher.SETTINGS)):
+        config_validation.validate(config, STAGES)
+    config = common.get_config()
+    config.stages = ("pretrain_teacher",)
+    config.pretrain.optimizer = "nope"
+    with pytest.raises(UserError, match=", ".join(optim.OPTIMIZERS)):
         config_validation.validate(config, STAGES)

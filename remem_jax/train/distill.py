@@ -21,6 +21,7 @@ from remem_jax.models import students
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
 METHODS = ("kd", "dist", "patient")
+TEACHER_SELECTIONS = ("all", "last")  # config.distill.teachers: every kept checkpoint, or the last per setting
 SCRATCH = "scratch"
 
 

@@ -180,7 +180,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
                            **{k: v for k, v in record.items() if k != "step"}}
         common.write_json(os.path.join(run_dir, "kept.json"), kept)
 
-    keep_steps = sorted({s for s in f.keep_steps if s <= f.steps} | {f.steps})
+    keep_steps = sorted(set(f.keep_steps) | {f.steps})  # validation rejects entries > f.steps
     _, history = train_classifier(
         ctx, f"finetune/{setting}", setup, f, steps=f.steps, sam_rho=hp["sam_rho"],
         sync_perturbations=f.sync_perturbations, accum_steps=f.accum_steps, run_dir=run_dir,
