@@ -17,23 +17,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = ("finetune_teacher", "distill_student")  # run in order; see remem_jax/train/stages.py
     c.seed = 0                        # seeds init, data order and dropout
 
-    # --- data (remem_jax/data) ---
+    # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
     c.data = ml_collections.ConfigDict()
-    c.data.image_size = 224           # square input size of teacher and student (paper: 224)
+    c.data.image_size = 224           # square input size of teacher and student (paper: 224, as Kornblith et al.)
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir; None = TFDS default
-    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir (resisc45, retinopathy, imagenet)
-    c.data.shuffle_buffer = 10_000    # examples in the train shuffle buffer (encoded images, not floats)
+    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir: hand-downloaded archives (resisc45, retinopathy, imagenet)
+    c.data.shuffle_buffer = 10_000    # shuffle buffer of streamed TFDS splits, encoded images (record sources shuffle fully)
     c.data.validation_percent = 0     # 0: eval on the test split; k: train on train[:100-k%], eval on train[100-k%:]
-    c.data.few_shot_fraction = 0.0    # 0: whole train split; f in (0, 1]: class-stratified fraction of it
-    c.data.few_shot_per_class = 0     # 0: off; N: N train examples per class (class-stratified)
-    c.data.few_shot_seed = 12         # seed of the few-shot subset (identical on every host and run)
+    c.data.few_shot_fraction = 0.0    # 0: whole train split; f in (0, 1]: class-stratified fraction of it (>= 1 per class)
+    c.data.few_shot_per_class = 0     # 0: off; N: N train examples per class (exclusive with few_shot_fraction)
+    c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)
     c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ class sub-folders
     c.data.imagenet_lt_train_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_train.txt
     c.data.image_folder_metric = "top1"  # metric of the image_folder dataset: 'top1' or 'mean_per_class'
     c.data.imagenet_lt_eval_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_val.txt (paper's 20k) or _test.txt
     c.data.imagenet_lt_image_root = ml_collections.FieldReference(None, field_type=str)  # optional extracted ILSVRC2012 root (train/, val/)
     c.data.digits_test_fraction = 0.25  # offline digits: held-out fraction (stratified, fixed seed)
-    c.data.digits_source_size = 32   # offline digits: stored resolution before resizing to image_size
+    c.data.digits_source_size = 32    # offline digits: side of the stored images (8x8 upsampled, nearest), resized to image_size
     c.data.digits_split_seed = 0      # offline digits: seed of the fixed train/test split
     c.data.num_parallel_calls = -1    # parallel decode/augment calls; -1 = AUTOTUNE
     c.data.crop_area_min = 0.05       # inception crop: smallest area fraction

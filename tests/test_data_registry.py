@@ -1,8 +1,7 @@
-"""Registry and config-default tests."""
+"""Registry tests (the config.data defaults are tested in test_configs.py)."""
 import pytest
 import tensorflow_datasets as tfds
 
-from remem_jax.data import config as config_lib
 from remem_jax.data import registry
 
 TABLE5 = {  # name: (num_classes, metric) from ReMem Table 5.
@@ -51,13 +50,3 @@ def test_unknown_name_lists_known():
     msg = str(err.value)
     assert "cifar1000" in msg and "cifar100" in msg and "oxford_flowers102" in msg
     assert isinstance(err.value, KeyError)
-
-
-def test_config_defaults():
-    cfg = config_lib.get_default_config()
-    assert cfg.image_size == 224 and cfg.few_shot_seed == 12 and cfg.crop_area_min == 0.05
-    assert config_lib.field({"image_size": 32}, "image_size") == 32
-    assert config_lib.field({}, "shuffle_buffer") == 10_000
-    assert config_lib.field(cfg, "validation_percent") == 0
-    with pytest.raises(KeyError, match="image_sise"):
-        config_lib.field(cfg, "image_sise")
