@@ -39,10 +39,29 @@ def _positive_int(c, field):
     _check(isinstance(value, int) and value > 0, field, "a positive integer", value)
 
 
-def _warmup(c, section):
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_positive_int(c, field, default: str):
+    value = _get(c, field)
+    _check(value is None or (_is_int(value) and value > 0), field, f"None ({default}) or a positive integer", value)
+
+
+def _warmup(c, section, default: str):
     s = c[section]
-    _check(s.warmup_steps == -1 or 0 <= s.warmup_steps < s.steps, f"{section}.warmup_steps",
-           f"-1 (default) or in [0, {section}.steps={s.steps})", s.warmup_steps)
+    w = s.warmup_steps
+    _check(w is None or (_is_int(w) and 0 <= w < s.steps), f"{section}.warmup_steps",
+           f"None ({default}) or an integer in [0, {section}.steps={s.steps})", w)
+
+
+def _cadence(c, section):
+    """log_every > 0; eval_every and checkpoint_every >= 0 (0: only kept steps and the end)."""
+    _positive_int(c, f"{section}.log_every")
+    for name in ("eval_every", "checkpoint_every"):
+        value = c[section][name]
+        _check(_is_int(value) and value >= 0, f"{section}.{name}", "an integer >= 0 (0: only kept steps and the end)",
+               value)
 
 
 def _keep_steps(f) -> None:
@@ -63,8 +82,13 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
            "a positive integer", config.data.image_size)
     _check(0 <= config.data.validation_percent < 100, "data.validation_percent", "in [0, 100)",
            config.data.validation_percent)
-    _check(0.0 <= config.data.few_shot_fraction <= 1.0, "data.few_shot_fraction", "in [0, 1]",
-           config.data.few_shot_fraction)
+    data = config.data
+    _check(data.few_shot_fraction is None or 0.0 < data.few_shot_fraction <= 1.0, "data.few_shot_fraction",
+           "None (whole train split) or in (0, 1]", data.few_shot_fraction)
+    _optional_positive_int(config, "data.few_shot_per_class", "off")
+    _check(data.few_shot_fraction is None or data.few_shot_per_class is None, "data.few_shot_per_class",
+           f"None when data.few_shot_fraction is set ({data.few_shot_fraction})", data.few_shot_per_class)
+    _optional_positive_int(config, "data.num_parallel_calls", "tf.data.AUTOTUNE")
     _one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     if "pretrain_teacher" in stages:
@@ -75,8 +99,10 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
             vit.variant_config(p.variant)
         except ValueError as e:
             raise UserError(f"config.pretrain.variant: {e}") from None
+        _optional_positive_int(config, "pretrain.num_layers", "the variant's depth")
         _check(p.lr > 0, "pretrain.lr", "> 0", p.lr)
-        _warmup(config, "pretrain")
+        _warmup(config, "pretrain", "min(500, 10% of steps)")
+        _cadence(config, "pretrain")
         _one_of("pretrain.optimizer", p.optimizer, optim.OPTIMIZERS)
         _one_of("pretrain.dtype", p.dtype, DTYPES)
 
@@ -85,7 +111,8 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         for name in ("steps", "batch_size", "accum_steps"):
             _positive_int(config, f"finetune.{name}")
         _check(f.lr > 0, "finetune.lr", "> 0", f.lr)
-        _warmup(config, "finetune")
+        _warmup(config, "finetune", "min(500, 10% of steps)")
+        _cadence(config, "finetune")
         _check(0.0 <= f.sam_rho <= 10.0, "finetune.sam_rho", "in [0, 10] (paper: 0.005, 0.05, 0.5)", f.sam_rho)
         _check(0.0 < f.mlp_alpha <= 2.0, "finetune.mlp_alpha", "in (0, 2] (1 = pretrained)", f.mlp_alpha)
         _check(0.0 < f.attn_beta <= 2.0, "finetune.attn_beta", "in (0, 2] (1 = pretrained)", f.attn_beta)
@@ -108,12 +135,13 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
             _positive_int(config, f"distill.{name}")
         _one_of("distill.student", d.student, students.STUDENTS)
         _check(d.lr > 0, "distill.lr", "> 0", d.lr)
-        _warmup(config, "distill")
+        _warmup(config, "distill", "5% of steps")
+        _cadence(config, "distill")
         _one_of("distill.method", d.method, distill.METHODS)
         _check(d.temperature > 0, "distill.temperature", "> 0", d.temperature)
         _check(0.0 <= d.kd_weight <= 1.0, "distill.kd_weight", "in [0, 1]", d.kd_weight)
-        _check(d.mixup_alpha >= 0 or d.mixup_alpha == -1, "distill.mixup_alpha",
-               "-1 (the method's default) or >= 0", d.mixup_alpha)
+        _check(d.mixup_alpha is None or d.mixup_alpha >= 0, "distill.mixup_alpha",
+               f"None ({distill.PATIENT_MIXUP_ALPHA} for patient, 0 for kd/dist) or >= 0 (0: off)", d.mixup_alpha)
         _one_of("distill.teachers", d.teachers, distill.TEACHER_SELECTIONS)
         _one_of("distill.dtype", d.dtype, DTYPES)
     _one_of("teacher.dtype", config.teacher.dtype, DTYPES)

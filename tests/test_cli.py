@@ -19,8 +19,12 @@ def run_cli(tmp_path, *overrides):
     (["--config.finetune.nope=1"], "nope"),
     (["--config.finetune.mode=qlora"], "config.finetune.mode must be one of full, head, lora, adapter, got 'qlora'"),
     (["--config.dataset=mnist"], "Unknown dataset 'mnist'"),
-    (["--config.distill.student=resnet19"], "config.distill.student must be one of resnet18, resnet34, resnet50, "
+    # The None-default fields take command-line values (the run gets past them to the student check).
+    (["--config.finetune.warmup_steps=10", "--config.distill.mixup_alpha=0", "--config.pretrain.num_layers=2",
+      "--config.distill.student=resnet19"], "config.distill.student must be one of resnet18, resnet34, resnet50, "
      "mobilenet_v2, efficientnet_v2_b0, efficientnet_v2_s, got 'resnet19'."),
+    (["--config.finetune.warmup_steps=-1"], "config.finetune.warmup_steps must be None (min(500, 10% of steps)) or "
+     "an integer in [0, finetune.steps=100), got -1."),
     (["--config.finetune.keep_steps=(50,500)"], "config.finetune.keep_steps must be step numbers <= "
      "finetune.steps (100), got (50, 500); [500] would never be reached."),
     (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=/no/such/teacher.npz"],

@@ -54,8 +54,9 @@ def test_the_data_layer_has_no_defaults_of_its_own():
 
 def test_mixup_defaults_follow_the_method():
     from remem_jax.train import distill
-    assert distill.mixup_alpha("patient", -1.0) == 0.8
-    assert distill.mixup_alpha("kd", -1.0) == 0.0 and distill.mixup_alpha("dist", -1.0) == 0.0
+    assert distill.mixup_alpha("patient", None) == 0.8
+    assert distill.mixup_alpha("kd", None) == 0.0 and distill.mixup_alpha("dist", None) == 0.0
+    assert distill.mixup_alpha("patient", 0.0) == 0.0
     assert distill.mixup_alpha("kd", 0.2) == 0.2 and distill.mixup_alpha("scratch", 0.8) == 0.0
 
 
@@ -136,4 +137,79 @@ def test_allowed_values_come_from_the_implementing_modules():
     config.stages = ("pretrain_teacher",)
     config.pretrain.optimizer = "nope"
     with pytest.raises(UserError, match=", ".join(optim.OPTIMIZERS)):
+        config_validation.validate(config, STAGES)
+
+
+def parse_cli(*args):
+    """Parses `--config=... --config.x=...` exactly as remem_jax.main does, in process."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["remem_jax", *args]
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return holder.value
+
+
+def test_use_the_default_is_none_and_command_line_overrides_still_work():
+    c = common.get_config()
+    for field in ("pretrain.warmup_steps", "finetune.warmup_steps", "distill.warmup_steps", "distill.mixup_alpha",
+                  "data.num_parallel_calls", "pretrain.num_layers", "data.few_shot_fraction", "data.few_shot_per_class"):
+        section, key = field.split(".")
+        assert c[section][key] is None, field
+    config_file = os.path.join(CONFIG_DIR, "cifar100.py")
+    c = parse_cli(f"--config={config_file}", "--config.finetune.warmup_steps=10", "--config.distill.warmup_steps=0",
+                  "--config.pretrain.warmup_steps=7", "--config.distill.mixup_alpha=0", "--config.pretrain.num_layers=4",
+                  "--config.data.num_parallel_calls=3", "--config.data.few_shot_fraction=0.1")
+    assert (c.finetune.warmup_steps, c.distill.warmup_steps, c.pretrain.warmup_steps) == (10, 0, 7)
+    assert c.distill.mixup_alpha == 0.0 and isinstance(c.distill.mixup_alpha, float)
+    assert (c.pretrain.num_layers, c.data.num_parallel_calls, c.data.few_shot_fraction) == (4, 3, 0.1)
+    assert c.to_dict()["finetune"]["warmup_steps"] == 10 and c.to_dict()["data"]["few_shot_per_class"] is None
+    config_validation.validate(c, STAGES)
+
+
+def test_defaults_the_none_fields_stand_for():
+    from remem_jax.train import common as train_common
+    assert train_common.warmup_steps(None, 10_000) == 500 and train_common.warmup_steps(None, 1000) == 100
+    assert train_common.warmup_steps(None, 20_000, default_fraction=0.05) == 1000
+    assert train_common.warmup_steps(0, 1000) == 0 and train_common.warmup_steps(10, 1000, 0.05) == 10
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("finetune.warmup_steps", -1, r"config.finetune.warmup_steps must be None \(min\(500, 10% of steps\)\) or an "
+     r"integer in \[0, finetune.steps=10000\), got -1\."),
+    ("distill.warmup_steps", 20_000, r"config.distill.warmup_steps must be None \(5% of steps\) or an integer in "
+     r"\[0, distill.steps=20000\), got 20000\."),
+    ("distill.mixup_alpha", -1.0, r"config.distill.mixup_alpha must be None \(0.8 for patient, 0 for kd/dist\) or "
+     r">= 0 \(0: off\), got -1.0\."),
+    ("data.num_parallel_calls", -1, r"config.data.num_parallel_calls must be None \(tf.data.AUTOTUNE\) or a positive "
+     r"integer, got -1\."),
+    ("data.few_shot_fraction", 0.0, r"config.data.few_shot_fraction must be None \(whole train split\) or in "
+     r"\(0, 1\], got 0.0\."),
+    ("data.few_shot_per_class", 0, r"config.data.few_shot_per_class must be None \(off\) or a positive integer, got 0\."),
+    ("finetune.log_every", 0, r"config.finetune.log_every must be a positive integer, got 0\."),
+    ("distill.eval_every", -5, r"config.distill.eval_every must be an integer >= 0 \(0: only kept steps and the end\)"),
+])
+def test_sentinel_validation_names_the_field(field, value, match):
+    config = common.get_config()
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)
+
+
+def test_few_shot_fraction_and_per_class_are_exclusive():
+    config = common.get_config()
+    config.data.few_shot_fraction, config.data.few_shot_per_class = 0.1, 5
+    with pytest.raises(UserError, match=r"config.data.few_shot_per_class must be None when data.few_shot_fraction "
+                                        r"is set \(0.1\), got 5\."):
+        config_validation.validate(config, STAGES)
+
+
+def test_pretrain_num_layers_must_be_none_or_positive():
+    config = common.get_config()
+    config.stages = ("pretrain_teacher",)
+    config.pretrain.num_layers = 0
+    with pytest.raises(UserError, match=r"config.pretrain.num_layers must be None \(the variant's depth\) or a "
+                                        r"positive integer, got 0\."):
         config_validation.validate(config, STAGES)

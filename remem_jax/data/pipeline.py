@@ -43,6 +43,12 @@ def _seed_pair(tf, seed: int, tag: int, counter):
     return tf.stack([tf.constant(seed * 4 + tag, tf.int64), tf.cast(counter, tf.int64)])
 
 
+def _parallel_calls(tf, data_config) -> int:
+    """`config.data.num_parallel_calls`; None lets tf.data choose (AUTOTUNE)."""
+    n = data_config.num_parallel_calls
+    return tf.data.AUTOTUNE if n is None else int(n)
+
+
 def _options(tf, data_config):
     options = tf.data.Options()
     options.deterministic = True
@@ -171,7 +177,7 @@ class TrainData:
             return {"image": augment.train_preprocess(ex["image"], seed, image_size, area_min, random_flip),
                     "label": ex["label"]}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(cfg.num_parallel_calls))
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
         ld, pd, alpha = self._ld, self._pd, self.mixup_alpha
 
@@ -276,7 +282,7 @@ class EvalData:
             return {"image": augment.eval_preprocess(ex["image"], image_size),
                     "label": ex["label"], "mask": tf.constant(1.0, tf.float32)}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(cfg.num_parallel_calls))
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
         num_pad = self.num_batches * self.local_batch_size - source.num_examples
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([image_size, image_size, 3], tf.float32),

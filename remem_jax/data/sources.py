@@ -72,12 +72,14 @@ class Source:
 # Selection shared by all record sources.
 
 def _few_shot_requested(cfg) -> bool:
-    return cfg.few_shot_fraction > 0 or cfg.few_shot_per_class > 0
+    return cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None
 
 
 def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
-    return fewshot.few_shot_indices(labels, fraction=cfg.few_shot_fraction,
-                                    per_class=cfg.few_shot_per_class,
+    # None (off) is fewshot's 0.
+    fraction = 0.0 if cfg.few_shot_fraction is None else cfg.few_shot_fraction
+    per_class = 0 if cfg.few_shot_per_class is None else cfg.few_shot_per_class
+    return fewshot.few_shot_indices(labels, fraction=fraction, per_class=per_class,
                                     seed=cfg.few_shot_seed)
 
 

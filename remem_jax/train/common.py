@@ -86,9 +86,9 @@ def save_params(path: str, params: Any) -> None:
         checkpoints.save_augreg(path, params)
 
 
-def warmup_steps(configured: int, total_steps: int, default_fraction: Optional[float] = None) -> int:
-    """-1 picks the default: `default_fraction` of the steps, or optim's min(500, 10%)."""
-    if configured >= 0:
+def warmup_steps(configured: Optional[int], total_steps: int, default_fraction: Optional[float] = None) -> int:
+    """None picks the default: `default_fraction` of the steps, or optim's min(500, 10%)."""
+    if configured is not None:
         return configured
     if default_fraction is not None:
         return int(default_fraction * total_steps)

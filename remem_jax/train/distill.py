@@ -41,11 +41,11 @@ def distillation_objective(method: str, d) -> Any:
 PATIENT_MIXUP_ALPHA = 0.8  # Beyer et al.'s consistent mixup, the ReMem paper's Table 6
 
 
-def mixup_alpha(method: str, configured: float) -> float:
-    """The mixup Beta parameter of a method: -1 picks 0.8 for patient KD and none otherwise."""
+def mixup_alpha(method: str, configured: Optional[float]) -> float:
+    """The mixup Beta parameter of a method: None picks 0.8 for patient KD and none otherwise."""
     if method == SCRATCH:
         return 0.0
-    if configured < 0:
+    if configured is None:
         return PATIENT_MIXUP_ALPHA if method == "patient" else 0.0
     return configured
 

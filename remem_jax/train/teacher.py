@@ -104,7 +104,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
     if common.exists(out) and common.exists(summary_path):
         logging.info("pretrain_teacher: %s exists, skipping.", out)
         return common.read_json(summary_path)
-    overrides = {"num_layers": p.num_layers} if p.num_layers else {}
+    overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
     model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], **overrides)
     size = ctx.config.data.image_size
     params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
