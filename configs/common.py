@@ -1,9 +1,9 @@
 """Every config field of remem_jax, with its default and what it means.
 
-Dataset configs (configs/<dataset>.py) start from `get_config()` and change only
-what differs. Override any field on the command line:
+`configs/remem.py:<dataset>` is this config on a registry dataset; configs/digits.py starts
+from it and changes only what differs. Override any field on the command line:
 
-  python -m remem_jax.main --config=configs/cifar100.py --workdir=/tmp/run \\
+  python -m remem_jax.main --config=configs/remem.py:cifar100 --workdir=/tmp/run \\
       --config.finetune.steps=1000 --config.finetune.keep_steps="(500, 1000)" \\
       --config.distill.student=mobilenet_v2
 """
@@ -13,8 +13,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The defaults: the ReMem paper's setting on a ViT-B/16 AugReg i21k teacher."""
     c = ml_collections.ConfigDict()
-    c.dataset = "cifar100"            # a name of remem_jax.data.registry (or 'image_folder', 'digits')
-    c.stages = ("finetune_teacher", "distill_student")  # run in order; see remem_jax/train/stages.py
+    c.dataset = "cifar100"            # a name of remem_jax/data/registry.py; configs/remem.py:<name> sets it
+    c.stages = ("finetune_teacher", "distill_student")  # run in order; remem_jax.main.stage_functions() (train/teacher.py, train/distill.py)
     c.seed = 0                        # seeds init, data order and dropout
 
     # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
@@ -114,13 +114,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.eval_every = 0          # steps between student evaluations (0: only at the end)
     c.distill.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
     c.distill.log_every = 100         # steps between progress lines / summaries
-    return c
-
-
-def for_dataset(name: str, **data_changes) -> ml_collections.ConfigDict:
-    """The paper's ReMem setting on a registry dataset (ViT-B/16 AugReg i21k teacher, 224 px)."""
-    c = get_config()
-    c.dataset = name
-    for key, value in data_changes.items():
-        c.data[key] = value
     return c

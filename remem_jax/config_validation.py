@@ -72,12 +72,31 @@ def _keep_steps(f) -> None:
            f"{too_late} would never be reached")
 
 
+# Registry kinds whose data is wherever the user says: the fields that must say it.
+_REQUIRED_DATA_PATHS = {
+    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg"},
+    "imagenet_lt": {"imagenet_lt_train_list": "the path of ImageNet_LT_train.txt",
+                    "imagenet_lt_eval_list": "the path of ImageNet_LT_val.txt or ImageNet_LT_test.txt"},
+}
+
+
+def _dataset(config) -> None:
+    spec = registry.get_spec(config.dataset)  # UnknownDatasetError names the known datasets.
+    required = dict(_REQUIRED_DATA_PATHS.get(spec.kind, {}))
+    if config.data.validation_percent:  # eval is held out of the train list: no eval list is read
+        required.pop("imagenet_lt_eval_list", None)
+    for name, expected in required.items():
+        value = config.data[name]
+        _check(bool(value), f"data.{name}", f"{expected} (dataset {config.dataset!r})", value)
+
+
 def validate(config: ml_collections.ConfigDict, stage_names) -> None:
-    """Raises UserError for the first invalid field of `config`."""
+    """Raises UserError for the first invalid field of `config` (UnknownDatasetError for config.dataset)."""
     stages = tuple(config.stages)
     _check(len(stages) > 0, "stages", "a non-empty list of stages", config.stages)
     for s in stages:
         _check(s in stage_names, "stages", f"a list of {sorted(stage_names)}", s)
+    _dataset(config)
     _check(isinstance(config.data.image_size, int) and config.data.image_size > 0, "data.image_size",
            "a positive integer", config.data.image_size)
     _check(0 <= config.data.validation_percent < 100, "data.validation_percent", "in [0, 100)",

@@ -50,3 +50,22 @@ def test_unknown_name_lists_known():
     msg = str(err.value)
     assert "cifar1000" in msg and "cifar100" in msg and "oxford_flowers102" in msg
     assert isinstance(err.value, KeyError)
+
+
+def test_paper_results_live_with_their_entry():
+    with_results = {n for n, spec in registry.REGISTRY.items() if spec.paper_results is not None}
+    assert with_results == {"caltech101", "cifar100", "i_naturalist2017", "imagenet_lt", "patch_camelyon",
+                            "sun397_tfds"}
+    for name in with_results:
+        text = registry.get_spec(name).paper_results
+        assert text.startswith("Table 8 (DIST): vanilla ") and "; Table 9 (LoRA): " in text, name
+    assert registry.get_spec("cifar100").paper_results == (
+        "Table 8 (DIST): vanilla 80.7 | 93.4, ReMem 82.9 | 89.3; Table 9 (LoRA): 82.0 | 93.1, LoRA+ReMem 83.4 | 91.6")
+
+
+def test_readme_lists_the_paper_results_of_the_registry():
+    import os
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    for name, spec in registry.REGISTRY.items():
+        if spec.paper_results:
+            assert f"- `{name}`: {spec.paper_results}." in readme, name
