@@ -43,11 +43,11 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from remem_jax import optim, tree
+from remem_jax.dtypes import DTYPES
 from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
 
 AXIS = "batch"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill")
 # name -> (numerator mode, denominator mode), both timed in the same process.
 RATIOS = {

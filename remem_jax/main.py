@@ -73,6 +73,12 @@ def _user_error_types():
     return (errors.UserError, registry.UnknownDatasetError, sources.DataNotFoundError)
 
 
+def _exit_with_user_error(e: Exception):
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    print(f"remem_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -80,9 +86,7 @@ def main(argv):
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except _user_error_types() as e:
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"remem_jax: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_user_error(e)
 
 
 def _make_config_siblings_importable(argv):
@@ -94,10 +98,12 @@ def _make_config_siblings_importable(argv):
 
 
 def _check_flags_or_exit(argv):
-    """Flag errors (unknown config field, bad override) -> one line, exit 2, no traceback."""
+    """Flag errors (unknown config field, bad override, bad config argument) -> one line, exit 2, no traceback."""
     _make_config_siblings_importable(argv)
     try:
         rest = flags.FLAGS(argv)
+    except _user_error_types() as e:  # raised by the config file, e.g. configs/remem.py:<unknown dataset>
+        _exit_with_user_error(e)
     except Exception as e:  # config_flags raises several types for a bad file or override
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, (AttributeError, KeyError)):

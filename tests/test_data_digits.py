@@ -2,6 +2,7 @@
 import numpy as np
 
 from remem_jax.data import digits, pipeline
+from tests import helpers
 
 
 def test_sizes_labels_and_pixels():
@@ -20,7 +21,7 @@ def test_sizes_labels_and_pixels():
 
 
 def test_through_pipeline():
-    cfg = {"image_size": 24, "digits_source_size": 16}
+    cfg = helpers.data_config(image_size=24, digits_source_size=16)
     ev = pipeline.make_eval_data(cfg, "digits", global_batch_size=64)
     assert (ev.num_examples, ev.num_batches, ev.metric) == (450, 8, "top1")
     b = next(iter(ev))

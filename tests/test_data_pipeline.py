@@ -9,9 +9,14 @@ import tensorflow_datasets as tfds
 
 from remem_jax.data import augment, pipeline, sources
 from remem_jax.data import DataNotFoundError, UnknownDatasetError
+from tests import helpers
 
 S = 32  # Test image size.
-CFG = {"image_size": S, "shuffle_buffer": 64}
+CFG = helpers.data_config(image_size=S, shuffle_buffer=64)
+
+
+def cfg_with(**changes):
+    return helpers.data_config(image_size=S, shuffle_buffer=64, **changes)
 
 
 def _check_train_batch(batch, num_classes, global_batch):
@@ -120,7 +125,7 @@ def test_image_folder(tmp_path):
     root = str(tmp_path)
     _write_folder(root, "train", [7, 5, 6], rng)
     _write_folder(root, "test", [3, 2, 4], rng)
-    cfg = dict(CFG, image_folder=root)
+    cfg = cfg_with(image_folder=root)
     assert pipeline.get_num_classes(cfg, "image_folder") == 3
     batch = next(pipeline.make_train_iterator(cfg, "image_folder", global_batch_size=16, seed=0))
     _check_train_batch(batch, 3, 16)
@@ -131,7 +136,7 @@ def test_image_folder(tmp_path):
 
 
 def test_per_host_slices_are_disjoint():
-    cfg = dict(CFG)
+    cfg = cfg_with()
     parts = [sources.build_source(cfg, "digits", "train", process_index=p, process_count=3)
              for p in range(3)]
     assert parts[0].host_counts == tuple(p.num_examples for p in parts)
@@ -156,18 +161,18 @@ def test_errors(tmp_path):
         pipeline.make_eval_data(CFG, "image_folder", global_batch_size=8)
     missing = str(tmp_path / "nope")
     with pytest.raises(DataNotFoundError, match="nope"):
-        pipeline.make_eval_data(dict(CFG, image_folder=missing), "image_folder",
+        pipeline.make_eval_data(cfg_with(image_folder=missing), "image_folder",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="tfds build cifar100"):
-        pipeline.make_eval_data(dict(CFG, data_dir=str(tmp_path)), "cifar100",
+        pipeline.make_eval_data(cfg_with(data_dir=str(tmp_path)), "cifar100",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="MANUAL download"):
-        pipeline.make_eval_data(dict(CFG, data_dir=str(tmp_path)), "resisc45",
+        pipeline.make_eval_data(cfg_with(data_dir=str(tmp_path)), "resisc45",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="imagenet_lt_train_list"):
         pipeline.make_eval_data(CFG, "imagenet_lt", global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="missing.txt"):
-        pipeline.make_eval_data(dict(CFG, imagenet_lt_train_list=str(tmp_path / "missing.txt")),
+        pipeline.make_eval_data(cfg_with(imagenet_lt_train_list=str(tmp_path / "missing.txt")),
                                 "imagenet_lt", global_batch_size=8)
     with pytest.raises(ValueError, match="multiple of jax.device_count"):
         pipeline.make_train_iterator(CFG, "digits", global_batch_size=12, seed=0)
@@ -185,7 +190,7 @@ def test_imagenet_lt_from_list_and_image_root(tmp_path):
             lines.append(f"train/{wnid}/{wnid}_{i}.JPEG {label}")
     (tmp_path / "lt_train.txt").write_text("\n".join(lines[:4] + lines[5:]) + "\n")
     (tmp_path / "lt_val.txt").write_text(lines[4] + "\n")
-    cfg = dict(CFG, imagenet_lt_train_list=str(tmp_path / "lt_train.txt"),
+    cfg = cfg_with(imagenet_lt_train_list=str(tmp_path / "lt_train.txt"),
                imagenet_lt_eval_list=str(tmp_path / "lt_val.txt"),
                imagenet_lt_image_root=str(tmp_path))
     assert pipeline.num_train_examples(cfg, "imagenet_lt") == 6
@@ -204,7 +209,7 @@ def test_imagenet_lt_tfds_filter_path(tmp_path):
         (tmp_path / "train.txt").write_text("".join(f"val/n0/{n} {i % 3}\n"
                                                     for i, n in enumerate(names[:7])))
         (tmp_path / "val.txt").write_text("".join(f"val/n0/{n} 5\n" for n in names[7:10]))
-        cfg = dict(CFG, imagenet_lt_train_list=str(tmp_path / "train.txt"),
+        cfg = cfg_with(imagenet_lt_train_list=str(tmp_path / "train.txt"),
                    imagenet_lt_eval_list=str(tmp_path / "val.txt"))
         ev = pipeline.make_eval_data(cfg, "imagenet_lt", global_batch_size=8)
         batches = list(ev)

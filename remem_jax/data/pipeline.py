@@ -21,7 +21,6 @@ import numpy as np
 
 from remem_jax.data import augment
 from remem_jax.data import sources as sources_lib
-from remem_jax.data.config import field
 from remem_jax.data.registry import get_spec
 
 _MAX_EPOCHS = 2**62
@@ -42,6 +41,12 @@ def _tf():
 def _seed_pair(tf, seed: int, tag: int, counter):
     """A stateless seed [2] int64 for (seed, tag, counter)."""
     return tf.stack([tf.constant(seed * 4 + tag, tf.int64), tf.cast(counter, tf.int64)])
+
+
+def _parallel_calls(tf, data_config) -> int:
+    """`config.data.num_parallel_calls`; None lets tf.data choose (AUTOTUNE)."""
+    n = data_config.num_parallel_calls
+    return tf.data.AUTOTUNE if n is None else int(n)
 
 
 def _options(tf, data_config):
@@ -90,7 +95,7 @@ def get_metric(data_config, dataset: str) -> str:
     """The headline metric of `dataset`: 'top1' or 'mean_per_class'."""
     spec = get_spec(dataset)
     if spec.kind == "image_folder":
-        metric = field(data_config, "image_folder_metric")
+        metric = data_config.image_folder_metric
         if metric not in ("top1", "mean_per_class"):
             raise ValueError(f"config.data.image_folder_metric must be 'top1' or "
                              f"'mean_per_class', got {metric!r}.")
@@ -150,7 +155,7 @@ class TrainData:
                 return pos, {"image": image, "label": label}
         else:
             base = source.stream_fn()
-            buffer = int(field(cfg, "shuffle_buffer"))
+            buffer = int(cfg.shuffle_buffer)
 
             def epoch_examples(epoch):
                 op_seed = tf.constant(self.seed * 4 + _TAG_SHUFFLE, tf.int64) * 1_000_003 + epoch
@@ -162,9 +167,9 @@ class TrainData:
             def load(pos, ex):
                 return pos, ex
         ds = ds.enumerate(start=position).map(load)
-        image_size = int(field(cfg, "image_size"))
-        area_min = float(field(cfg, "crop_area_min"))
-        random_flip = bool(field(cfg, "random_flip"))
+        image_size = int(cfg.image_size)
+        area_min = float(cfg.crop_area_min)
+        random_flip = bool(cfg.random_flip)
         num_classes = self.num_classes
 
         def preprocess(pos, ex):
@@ -172,7 +177,7 @@ class TrainData:
             return {"image": augment.train_preprocess(ex["image"], seed, image_size, area_min, random_flip),
                     "label": ex["label"]}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(field(cfg, "num_parallel_calls")))
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
         ld, pd, alpha = self._ld, self._pd, self.mixup_alpha
 
@@ -187,7 +192,7 @@ class TrainData:
                     "soft_label": tf.reshape(soft, [ld, pd, num_classes])}
 
         ds = ds.enumerate(start=start_step).map(finish)
-        ds = ds.prefetch(int(field(cfg, "prefetch")))
+        ds = ds.prefetch(int(cfg.prefetch))
         return ds.with_options(_options(tf, cfg))
 
     def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -201,7 +206,8 @@ def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, se
     """Infinite, deterministic, resumable train batches for pmap.
 
     Args:
-      data_config: the config.data section (ConfigDict or dict; missing fields take defaults).
+      data_config: the complete config.data section (every field of configs/common.py; read as
+        attributes, so a ConfigDict or any object with those attributes).
       dataset: registry name (see `registry.known_datasets()`).
       global_batch_size: batch over all hosts; must be a multiple of jax.device_count(). Each
         host yields global_batch_size // process_count examples from its own slice.
@@ -261,7 +267,7 @@ class EvalData:
     def as_dataset(self):
         """The tf.data.Dataset of one padded pass."""
         tf, source, cfg = self._tf, self.source, self.config
-        image_size = int(field(cfg, "image_size"))
+        image_size = int(cfg.image_size)
         if source.records is not None:
             fetch = _fetch_fn(tf, source)
 
@@ -276,7 +282,7 @@ class EvalData:
             return {"image": augment.eval_preprocess(ex["image"], image_size),
                     "label": ex["label"], "mask": tf.constant(1.0, tf.float32)}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(field(cfg, "num_parallel_calls")))
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
         num_pad = self.num_batches * self.local_batch_size - source.num_examples
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([image_size, image_size, 3], tf.float32),
@@ -288,7 +294,7 @@ class EvalData:
             "image": tf.reshape(b["image"], [ld, pd, image_size, image_size, 3]),
             "label": tf.reshape(b["label"], [ld, pd]),
             "mask": tf.reshape(b["mask"], [ld, pd])})
-        ds = ds.prefetch(int(field(cfg, "prefetch")))
+        ds = ds.prefetch(int(cfg.prefetch))
         return ds.with_options(_options(tf, cfg))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

@@ -24,7 +24,6 @@ import numpy as np
 
 from remem_jax.data import digits as digits_lib
 from remem_jax.data import fewshot
-from remem_jax.data.config import field
 from remem_jax.data.registry import DatasetSpec, get_spec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -73,19 +72,21 @@ class Source:
 # Selection shared by all record sources.
 
 def _few_shot_requested(cfg) -> bool:
-    return field(cfg, "few_shot_fraction") > 0 or field(cfg, "few_shot_per_class") > 0
+    return cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None
 
 
 def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
-    return fewshot.few_shot_indices(labels, fraction=field(cfg, "few_shot_fraction"),
-                                    per_class=field(cfg, "few_shot_per_class"),
-                                    seed=field(cfg, "few_shot_seed"))
+    # None (off) is fewshot's 0.
+    fraction = 0.0 if cfg.few_shot_fraction is None else cfg.few_shot_fraction
+    per_class = 0 if cfg.few_shot_per_class is None else cfg.few_shot_per_class
+    return fewshot.few_shot_indices(labels, fraction=fraction, per_class=per_class,
+                                    seed=cfg.few_shot_seed)
 
 
 def _select(cfg, role: str, train_labels: np.ndarray,
             eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
     """Returns (which split to read: 'train'|'eval', indices into it) for `role`."""
-    percent = field(cfg, "validation_percent")
+    percent = cfg.validation_percent
     if percent:
         train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
         if role == "eval":
@@ -112,9 +113,9 @@ def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths,
 # Offline digits.
 
 def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
-    splits = digits_lib.load_digits_encoded(int(field(cfg, "digits_source_size")),
-                                            float(field(cfg, "digits_test_fraction")),
-                                            int(field(cfg, "digits_split_seed")))
+    splits = digits_lib.load_digits_encoded(int(cfg.digits_source_size),
+                                            float(cfg.digits_test_fraction),
+                                            int(cfg.digits_split_seed))
     which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
     data, labels = splits["train" if which == "train" else "test"]
     return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False,
@@ -167,7 +168,7 @@ def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
 
 
 def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
-    root = field(cfg, "image_folder")
+    root = cfg.image_folder
     if not root:
         raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
                                 "folder with train/<class>/*.jpg and test/<class>/*.jpg.")
@@ -180,13 +181,13 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
 
     which, idx = _select(cfg, role, train_labels, eval_labels)
     data, labels = (train_paths, train_labels) if which == "train" else test["split"][1:]
-    return _record_source(spec.name, len(classes), field(cfg, "image_folder_metric"), data,
+    return _record_source(spec.name, len(classes), cfg.image_folder_metric, data,
                           labels, idx, True, pi, pc)
 
 
 def image_folder_num_classes(cfg) -> int:
     """Number of classes of the image_folder dataset (the sub-folders of train/)."""
-    root = field(cfg, "image_folder")
+    root = cfg.image_folder
     if not root:
         raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder.")
     return len(list_image_folder(os.path.join(root, "train"))[0])
@@ -199,21 +200,21 @@ def _builder(spec: DatasetSpec, cfg, tfds_name: Optional[str] = None):
     import tensorflow_datasets as tfds
 
     name = tfds_name or spec.tfds_name
-    return tfds.builder(name, data_dir=field(cfg, "data_dir"))
+    return tfds.builder(name, data_dir=cfg.data_dir)
 
 
 def _missing_data_message(spec: DatasetSpec, cfg, tfds_name: str, err: BaseException) -> str:
-    data_dir = field(cfg, "data_dir") or "~/tensorflow_datasets (TFDS default)"
-    manual_dir = field(cfg, "manual_dir") or "<manual_dir>"
+    data_dir = cfg.data_dir or "~/tensorflow_datasets (TFDS default)"
+    manual_dir = cfg.manual_dir or "<manual_dir>"
     msg = (f"Dataset {spec.name!r}: TFDS builder {tfds_name!r} has no prepared data in "
            f"data_dir={data_dir} ({type(err).__name__}: {str(err).splitlines()[0]}). ")
     if spec.manual_download:
         msg += ("This dataset needs a MANUAL download. "
                 + spec.manual_download.replace("<manual_dir>", manual_dir)
-                .replace("<data_dir>", str(field(cfg, "data_dir") or "~/tensorflow_datasets")))
+                .replace("<data_dir>", str(cfg.data_dir or "~/tensorflow_datasets")))
     else:
         msg += (f"Prepare it with `tfds build {tfds_name} --data_dir="
-                f"{field(cfg, 'data_dir') or '~/tensorflow_datasets'}` (or set "
+                f"{cfg.data_dir or '~/tensorflow_datasets'}` (or set "
                 "config.data.data_dir to where it is already prepared).")
     return msg
 
@@ -334,7 +335,7 @@ def _materialize(ds, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     builder = _builder(spec, cfg)
     train_split, eval_split = spec.train_split, spec.eval_split
-    percent = field(cfg, "validation_percent")
+    percent = cfg.validation_percent
     if percent:
         train_split, eval_split = holdout_split_strings(train_split, percent,
                                                         _split_sizes(builder))
@@ -394,18 +395,18 @@ def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np
 def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     import tensorflow as tf
 
-    train_paths, train_labels = read_list_file(field(cfg, "imagenet_lt_train_list"),
+    train_paths, train_labels = read_list_file(cfg.imagenet_lt_train_list,
                                                "imagenet_lt_train_list")
     lists = {}
 
     def eval_labels():
-        lists["eval"] = read_list_file(field(cfg, "imagenet_lt_eval_list"),
+        lists["eval"] = read_list_file(cfg.imagenet_lt_eval_list,
                                        "imagenet_lt_eval_list")
         return lists["eval"][1]
 
     which, idx = _select(cfg, role, train_labels, eval_labels)
     rel, labels = (train_paths, train_labels) if which == "train" else lists["eval"]
-    root = field(cfg, "imagenet_lt_image_root")
+    root = cfg.imagenet_lt_image_root
     if root:
         full = np.array([os.path.join(root, r) for r in rel], dtype=object)
         if not tf.io.gfile.exists(full[idx[0]]):
