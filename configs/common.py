@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
     c.teacher.dtype = "float32"       # compute dtype of the teacher: float32 or bfloat16 (params stay float32)
+    c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 
     # --- pretrain_teacher stage: trains a ViT from scratch and saves it as an AugReg npz ---
     c.pretrain = ml_collections.ConfigDict()
