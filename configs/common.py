@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.crop_area_min = 0.05       # inception crop: smallest area fraction
     c.data.random_flip = True         # random horizontal flip in training (off for digits)
     c.data.prefetch = 2               # batches prefetched by tf.data
+    c.data.skip_bad_images = False    # image_folder: False = an undecodable image stops the run (named); True = skip and count them
 
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()

@@ -35,6 +35,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "random_flip": (True, "Random horizontal flip in training (off for flip-sensitive data: digits)."),
     "prefetch": (2, "Batches prefetched by tf.data after batching."),
     "num_parallel_calls": (-1, "Parallel decode/augment calls; -1 = tf.data.AUTOTUNE."),
+    "skip_bad_images": (False, "image_folder: skip (and count) undecodable images instead of "
+                               "stopping with their names."),
 }
 
 
