@@ -116,3 +116,46 @@ def test_shared_fields_protect_every_started_stage():
     assert workdir_lib.stages_reading("data.image_size", ["a", "b"]) == ("a", "b")
     assert workdir_lib.stages_reading("teacher.checkpoint", ["a"]) == ("finetune_teacher",)
     assert workdir_lib.is_result_neutral("distill.log_every") and not workdir_lib.is_result_neutral("data.image_size")
+
+
+def test_skipped_images_are_counted_in_every_stage_result(tmp_path, fake_stages):
+    from tests.test_data_checks import write_folder
+    root = str(tmp_path / "images")
+    write_folder(root, "train", [4, 4])
+    write_folder(root, "test", [2, 2])
+    bad = os.path.join(root, "train", "class_1", "bad.jpg")
+    open(bad, "w").write("not an image")
+    c = config()
+    c.dataset = "image_folder"
+    c.data.image_folder = root
+    c.data.skip_bad_images = True
+    results = main.run(c, str(tmp_path / "run"))
+    assert results["data"] == {"dataset": "image_folder", "skipped_bad_images": {"train": 1, "test": 0},
+                               "skipped_files": [bad]}
+    assert results["finetune_teacher"]["skipped_bad_images"] == {"train": 1, "test": 0}
+    assert json.load(open(tmp_path / "run" / "results.json"))["pretrain_teacher"]["skipped_bad_images"]["train"] == 1
+
+
+def test_every_finetune_setting_reads_the_one_cached_teacher(tmp_path, monkeypatch):
+    import jax
+    import numpy as np
+    from remem_jax import tree
+    from remem_jax.models import vit
+    from remem_jax.train import common, teacher
+
+    model = vit.create_vit("Ti_8", 10, num_layers=1)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
+    remote = "ram://bucket/settings/teacher.npz"
+    checkpoints.save_augreg(remote, params)
+    reads = []
+    real = tf.io.gfile.GFile
+    monkeypatch.setattr(tf.io.gfile, "GFile", lambda p, mode="r": (reads.append(p) if p == remote else None)
+                        or real(p, mode))
+    monkeypatch.setattr(teacher, "train_classifier", lambda ctx, name, setup, *a, **k: (None, []))  # load only
+    c = config()
+    c.data.image_size = 16
+    c.teacher.checkpoint = remote
+    c.teacher.cache_dir = str(tmp_path / "cache")
+    out = teacher.finetune_teacher(common.RunContext(config=c, workdir=str(tmp_path / "run")))
+    assert set(out) == {"remem", "vanilla"} and reads == [remote]
+    assert tree.param_count(params) > 0 and os.path.exists(checkpoints.cached_path(remote, c.teacher.cache_dir))
