@@ -147,6 +147,9 @@ def fetch(path: str, cache_dir: str) -> str:
       RemoteUnavailableError: the storage cannot be reached and nothing usable
         is cached.
     """
+    if files.is_remote(cache_dir):
+        raise CheckpointError(f"The checkpoint cache must be a local folder, got {cache_dir!r} "
+                              "(config.teacher.cache_dir).")
     local = cached_path(path, cache_dir)
     meta_path = local + ".json"
     try:
