@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from remem_jax import checkpoints, tree
 from remem_jax.checkpoints import CheckpointError
@@ -209,8 +210,6 @@ def test_bad_override_is_reported(ti_ckpt):
 
 
 # ----------------------------------------------------------------------------- remote storage and the cache
-
-import tensorflow as tf  # noqa: E402  (after the tests above, which need no TensorFlow)
 
 GS_PATH = "gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
 NO_HOST = tf.errors.FailedPreconditionError(
