@@ -39,11 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.crop_area_min = 0.05       # inception crop: smallest area fraction
     c.data.random_flip = True         # random horizontal flip in training (off for digits)
     c.data.prefetch = 2               # batches prefetched by tf.data
+    c.data.skip_bad_images = False    # image_folder: False = an undecodable image stops the run (named); True = skip and count them
 
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
     c.teacher.dtype = "float32"       # compute dtype of the teacher: float32 or bfloat16 (params stay float32)
+    c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 
     # --- pretrain_teacher stage: trains a ViT from scratch and saves it as an AugReg npz ---
     c.pretrain = ml_collections.ConfigDict()

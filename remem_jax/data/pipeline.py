@@ -83,6 +83,22 @@ def _fetch_fn(tf, source: sources_lib.Source):
     return fetch
 
 
+def _naming_bad_images(source: sources_lib.Source, batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, with a decode failure of a file-based source turned into an error naming the files."""
+    tf = _tf()
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            named = sources_lib.undecodable_images_error(source, e)
+            if named is None:
+                raise
+            raise named from e
+        yield batch
+
+
 def get_num_classes(data_config, dataset: str) -> int:
     """Number of classes of `dataset` (reads the folder list for 'image_folder')."""
     spec = get_spec(dataset)
@@ -196,8 +212,12 @@ class TrainData:
         return ds.with_options(_options(tf, cfg))
 
     def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """An infinite iterator of NumPy batches from `start_step` on."""
-        return self.dataset_from(start_step).as_numpy_iterator()
+        """An infinite iterator of NumPy batches from `start_step` on.
+
+        Raises (while iterating):
+          DataError: an image of a file-based source does not decode; names the files.
+        """
+        return _naming_bad_images(self.source, self.dataset_from(start_step).as_numpy_iterator())
 
 
 def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, seed: int,
@@ -299,7 +319,7 @@ class EvalData:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         real, batches = 0, 0
-        for batch in self.as_dataset().as_numpy_iterator():
+        for batch in _naming_bad_images(self.source, self.as_dataset().as_numpy_iterator()):
             real += int(batch["mask"].sum())
             batches += 1
             yield batch

@@ -141,6 +141,16 @@ def teacher_checkpoint_path(ctx: common.RunContext) -> str:
     return name
 
 
+def teacher_cache_dir(ctx: common.RunContext) -> str:
+    """Where a remote teacher checkpoint is cached: config.teacher.cache_dir, or the per-user default.
+
+    Every setting (and every later run) reads the one cached copy instead of the
+    remote file. Exported teachers in the workdir are not cached: each is read
+    once, by its student.
+    """
+    return ctx.config.teacher.get("cache_dir") or checkpoints.default_cache_dir()
+
+
 def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None:
     """Saves a fine-tuned teacher as a plain AugReg npz: reweighting folded into the weights.
 
@@ -165,6 +175,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
     size = ctx.config.data.image_size
     model, params = checkpoints.load_augreg(
         teacher_checkpoint_path(ctx), num_classes=ctx.num_classes, image_size=size,
+        cache_dir=teacher_cache_dir(ctx),
         mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"], residual_mode=f.residual_mode,
         dropout_rate=f.dropout, dtype=DTYPES[f.dtype])
     if f.mode == "adapter":
