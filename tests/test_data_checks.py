@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from remem_jax.data import pipeline, sources
+from tests import helpers
 from remem_jax.data.sources import DataError, DataNotFoundError
 
 S = 16
@@ -41,7 +42,7 @@ def break_images(root):
 
 
 def cfg(root, **kw):
-    return {"image_size": S, "image_folder": root, **kw}
+    return helpers.data_config(image_size=S, image_folder=root, **kw)
 
 
 def test_undecodable_images_are_named_by_the_train_pipeline(folder):
@@ -122,9 +123,9 @@ def test_check_ready_only_checks_the_splits_the_run_reads(folder, tmp_path):
 def test_check_ready_names_unprepared_tfds_data_and_missing_lists(tmp_path):
     with pytest.raises(DataNotFoundError, match=r"Dataset 'cifar10': TFDS builder 'cifar10' has no prepared data "
                                                 rf"in data_dir={tmp_path} .*`tfds build cifar10 --data_dir={tmp_path}`"):
-        sources.check_ready({"data_dir": str(tmp_path)}, "cifar10")
+        sources.check_ready(helpers.data_config(data_dir=str(tmp_path)), "cifar10")
     with pytest.raises(DataNotFoundError, match="MANUAL download"):
-        sources.check_ready({"data_dir": str(tmp_path)}, "resisc45")
+        sources.check_ready(helpers.data_config(data_dir=str(tmp_path)), "resisc45")
     with pytest.raises(DataNotFoundError, match="imagenet_lt_train_list"):
-        sources.check_ready({}, "imagenet_lt")
-    assert sources.check_ready({}, "digits") == {"dataset": "digits"}
+        sources.check_ready(helpers.data_config(), "imagenet_lt")
+    assert sources.check_ready(helpers.data_config(), "digits") == {"dataset": "digits"}
