@@ -317,9 +317,13 @@ def save_augreg(path: str, params: Mapping[str, Any]) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     if _is_remote(path):
         fs = gfile()
-        with fs.GFile(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-        fs.rename(tmp, path, overwrite=True)
+        try:
+            with fs.GFile(tmp, "wb") as f:
+                f.write(buffer.getvalue())
+            fs.rename(tmp, path, overwrite=True)
+        finally:
+            if fs.exists(tmp):
+                fs.remove(tmp)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
