@@ -108,6 +108,97 @@ def test_gfile_paths_load_and_save_through_tensorflow():
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
 
 
+class _WriteHalfThenFail:
+    """A writable file whose first write stores half of its bytes, then fails (a full disk)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device (simulated)")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._f.close()
+        return False
+
+
+@pytest.fixture
+def failing_writes(monkeypatch, tmp_path):
+    """Every file write under `tmp_path` (builtin `open`) or through `tf.io.gfile.GFile` stores
+    half of its first chunk, then raises: the lowest-level writes, whichever module calls them."""
+    import builtins
+    import io
+
+    import tensorflow as tf
+
+    real_open, real_write = builtins.open, tf.io.gfile.GFile.write
+    root = os.path.realpath(tmp_path)
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        writing = isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+")
+        if writing and os.path.realpath(os.fsdecode(file)).startswith(root):
+            return _WriteHalfThenFail(f)
+        return f
+
+    def gfile_write(self, data):
+        real_write(self, data[: len(data) // 2])
+        self.flush()
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)  # zipfile (np.savez to a path) opens through io.open
+    monkeypatch.setattr(tf.io.gfile.GFile, "write", gfile_write)
+
+
+def _small_params(value):
+    return {"head": {"kernel": np.full((8, 4), value, np.float32), "bias": np.full(4, value, np.float32)}}
+
+
+def test_failed_save_leaves_the_existing_file_and_no_temporary(tmp_path, request):
+    folder = tmp_path / "ckpts"
+    path = str(folder / "ckpt.npz")
+    checkpoints.save_augreg(path, _small_params(1.0))
+    with open(path, "rb") as f:
+        before = f.read()
+    request.getfixturevalue("failing_writes")
+    with pytest.raises(OSError, match="simulated"):
+        checkpoints.save_augreg(path, _small_params(2.0))
+    with open(path, "rb") as f:
+        assert f.read() == before, "a failed save must not touch the previous checkpoint"
+    assert os.listdir(folder) == ["ckpt.npz"], "no partial or temporary file may remain"
+
+
+def test_failed_save_through_gfile_leaves_the_existing_file_and_no_temporary(request):
+    # ram:// goes through tf.io.gfile, as gs:// does.
+    import uuid
+
+    import tensorflow as tf
+    folder = f"ram://remem-atomic-{uuid.uuid4().hex}"
+    path = f"{folder}/ckpt.npz"
+    checkpoints.save_augreg(path, _small_params(1.0))
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            before = f.read()
+        request.getfixturevalue("failing_writes")
+        with pytest.raises(OSError, match="simulated"):
+            checkpoints.save_augreg(path, _small_params(2.0))
+        with tf.io.gfile.GFile(path, "rb") as f:
+            assert f.read() == before, "a failed save must not touch the previous checkpoint"
+        assert tf.io.gfile.listdir(folder) == ["ckpt.npz"], "no partial or temporary file may remain"
+    finally:
+        for name in tf.io.gfile.listdir(folder):
+            tf.io.gfile.remove(f"{folder}/{name}")
+
+
 def test_linen_numbered_tree_is_accepted_with_natural_block_order(tmp_path):
     # 12 blocks: encoderblock_10 and _11 must stay blocks 10 and 11 (a lexicographic
     # sort would put them after block 1).

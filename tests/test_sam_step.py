@@ -318,6 +318,34 @@ def test_gradient_accumulation_equals_one_pass():
         run(params, xs[:1], ys[:1], ndev=2, sam_rho=0.5, accum_steps=3)
 
 
+def test_gradient_accumulation_gives_each_micro_batch_its_own_dropout_key():
+    # Device d's key is fold_in(step_key, d) and its micro-batch j (of 4) draws its dropout from
+    # fold_in(device_key, j) (optim.accumulate_gradients), in both SAM passes. One key shared by
+    # the micro-batches would repeat one mask on all four.
+    params, xs, ys = make_data(seed=10, steps=2)
+    ndev, accum = 2, 4
+    states, metrics = run(params, xs, ys, ndev=ndev, sam_rho=0.5, accum_steps=accum,
+                          loss=functools.partial(loss_fn, dropout=True))
+    ref = NpSGDW(params, np_lr)
+    key = jax.random.PRNGKey(7)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        key, step_key = jax.random.split(key)
+        x_shards = []
+        for d, x_dev in enumerate(np.split(x, ndev)):
+            device_key = jax.random.fold_in(step_key, d)
+            x_shards.append(np.concatenate([
+                m * np.asarray(jax.random.bernoulli(jax.random.fold_in(device_key, j), 0.75, m.shape), np.float32)
+                for j, m in enumerate(np.split(x_dev, accum))]))
+        y_shards = np.split(y, ndev)
+        p = {k: v.copy() for k, v in ref.params.items()}
+        # Equal micro-batches: the mean of their mean losses (and gradients) is that of the masked
+        # device batch, so the per-device-ascent SAM reference applies to it unchanged.
+        loss = np.mean([np_loss_and_grads(p, xd, yd)[0] for xd, yd in zip(x_shards, y_shards)])
+        expected = ref.apply(np_device_grads(p, x_shards, y_shards, 0.5, sync=False))
+        chex.assert_trees_all_close(states[i].params, expected, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(metrics[i]["loss"], loss, rtol=RTOL)
+
+
 # ----------------------------------------------------------------------------- NaN and contract
 
 def test_non_finite_loss_is_reported():
