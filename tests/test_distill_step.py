@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import digits
-from remem_jax import losses
+from remem_jax import devices, losses
 from remem_jax.data import pipeline
 from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib
@@ -41,7 +41,7 @@ def run_step(method, student, params, batch_stats, teacher, teacher_params, batc
         distill.distillation_loss(student, teacher, distill.distillation_objective(method, OBJECTIVE_CONFIG)), tx))
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(3), frozen={"teacher": teacher_params},
                                          batch_stats=batch_stats)
-    return step(step_lib.replicate(state), batch)
+    return step(devices.replicate(state), batch)
 
 
 def reference_logits(student, params, batch_stats, teacher, teacher_params, batch):

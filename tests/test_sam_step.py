@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from remem_jax import losses, optim
+from remem_jax import devices as device_lib, losses, optim
 from remem_jax.train import state as state_lib
 from remem_jax.train import step as step_lib
 
@@ -135,7 +135,7 @@ def run(params, xs, ys, *, ndev, batch_stats=None, loss=loss_fn, **step_kwargs):
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(7), batch_stats=batch_stats)
     devices = jax.devices()[:ndev]
     step = jax.pmap(step_lib.make_train_step(loss, tx, **step_kwargs), axis_name="batch", devices=devices)
-    replicated = step_lib.replicate(state, devices=devices)
+    replicated = device_lib.replicate(state, devices=devices)
     states, metrics = [], []
     for x, y in zip(xs, ys):
         replicated, m = step(replicated, {"x": shard(x, ndev), "y": shard(y, ndev)})
@@ -177,7 +177,7 @@ def test_pmap_one_device_compiles_once_and_advances_rng():
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(0))
     step = step_lib.make_train_step(loss_fn, tx, sam_rho=0.5)
     step = jax.pmap(chex.assert_max_traces(step, n=1), axis_name="batch", devices=jax.devices()[:1])
-    replicated = step_lib.replicate(state, devices=jax.devices()[:1])
+    replicated = device_lib.replicate(state, devices=jax.devices()[:1])
     expected_rng = np.asarray(state.rng)
     ref = NpSGDW(params, np_lr)
     for x, y in zip(xs, ys):
@@ -296,7 +296,7 @@ def test_pmap_train_step_eight_devices_compiles_once():
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(7))
     step = step_lib.pmap_train_step(chex.assert_max_traces(
         step_lib.make_train_step(loss_fn, tx, sam_rho=0.5, sync_perturbations=True), n=1))
-    replicated = step_lib.replicate(state)
+    replicated = device_lib.replicate(state)
     for x, y in zip(xs, ys):
         replicated, metrics = step(replicated, {"x": shard(x, NDEV), "y": shard(y, NDEV)})
     # Metrics are global: identical on every device.
