@@ -151,13 +151,36 @@ def test_image_folder(tmp_path):
     np.testing.assert_array_equal(np.sort(labels), [0, 0, 0, 1, 1, 2, 2, 2, 2])
 
 
-def test_per_host_slices_are_disjoint():
-    cfg = cfg_with()
+def test_hosts_split_every_global_batch():
+    """A record table is shared: host p of 3 gets part p of each batch one host would get.
+
+    This process stands in for each host in turn; its local batch is 8 (global_batch_size //
+    jax.process_count()), so the three hosts together make the one-host batch of 24.
+    """
+    cfg = CFG
     parts = [sources.build_source(cfg, "digits", "train", process_index=p, process_count=3)
              for p in range(3)]
-    assert parts[0].host_counts == tuple(p.num_examples for p in parts)
-    data = np.concatenate([p.records[0] for p in parts])
-    assert len(set(data.tolist())) == len(data) == 1347  # Disjoint and complete.
+    assert all(p.shared and p.host_counts == (1347,) for p in parts)
+    one_host = pipeline.TrainData(cfg, "digits", global_batch_size=24, seed=4).iterator()
+    hosts = [pipeline.TrainData(cfg, "digits", global_batch_size=8, seed=4, process_index=p,
+                                process_count=3).iterator(start_step=1) for p in range(3)]
+    next(one_host)
+    for _ in range(2):
+        want = next(one_host)
+        got = [next(h) for h in hosts]
+        for k in want:
+            np.testing.assert_array_equal(
+                np.concatenate([g[k].reshape(8, *g[k].shape[2:]) for g in got]),
+                want[k].reshape(24, *want[k].shape[2:]))
+    one = pipeline.make_eval_data(cfg, "digits", global_batch_size=24)
+    evs = [pipeline.EvalData(cfg, "digits", global_batch_size=8, process_index=p, process_count=3)
+           for p in range(3)]
+    assert [e.num_batches for e in evs] == [one.num_batches] * 3 == [19] * 3
+    assert sum(e.num_examples for e in evs) == one.num_examples == 450
+    for want, *got in zip(one, *evs):
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k].reshape(8, *g[k].shape[2:]) for g in got]),
+                                          want[k].reshape(24, *want[k].shape[2:]))
 
 
 def test_holdout_split_strings():

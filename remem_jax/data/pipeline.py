@@ -1,10 +1,16 @@
 """tf.data input pipelines: a dataset name -> sharded NumPy batches for pmapped steps.
 
-Train batches are an infinite, deterministic stream: epoch e is a permutation of this host's
-examples keyed on (seed, e) (full permutation for record sources, a seeded shuffle buffer for
-streamed TFDS splits), every per-example random op is keyed on (seed, position in the stream)
-and mixup on (seed, step). Resuming with `start_step=N` skips N * local_batch positions of the
-(still encoded) stream, so it yields bit-identical batches to an uninterrupted run.
+Train batches are an infinite, deterministic stream: epoch e is a permutation of the examples
+keyed on (seed, e) (full permutation for record sources, a seeded shuffle buffer for streamed
+TFDS splits), every per-example random op is keyed on (seed, position in the stream) and mixup
+on (seed, step). Resuming with `start_step=N` skips N batches of the (still encoded) stream, so
+it yields bit-identical batches to an uninterrupted run.
+
+Hosts: a shared record table (`Source.shared`) is permuted identically on every host and host p
+takes positions [p * local_batch, (p + 1) * local_batch) of every global batch, in eval too, so
+every device sees the same examples whatever the number of hosts (one host with 8 devices or 2
+hosts with 4 each). A stream, or a per-host record slice, is this host's own stream. Mixup pairs
+an example with its neighbour in the host's batch, so with mixup the hosts' first examples differ.
 
 Eval data pads the last batch with masked zeros, so that every real example is seen exactly
 once, and pads every host to the same number of batches.
@@ -66,6 +72,17 @@ def _host_layout(global_batch_size: int) -> tuple[int, int, int]:
     local = global_batch_size // jax.process_count()
     ld = jax.local_device_count()
     return local, ld, local // ld
+
+
+def _host_slice(source: sources_lib.Source, process_index: Optional[int],
+                process_count: Optional[int]) -> tuple[int, int]:
+    """(this host, hosts) that split every batch of `source`: (0, 1) unless its table is shared."""
+    if not source.shared:
+        return 0, 1
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return process_index, process_count
 
 
 def _fetch_fn(tf, source: sources_lib.Source):
@@ -133,7 +150,8 @@ class TrainData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int, seed: int,
-                 mixup_alpha: float = 0.0, source: Optional[sources_lib.Source] = None):
+                 mixup_alpha: float = 0.0, source: Optional[sources_lib.Source] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
         self._tf = _tf()
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}.")
@@ -143,6 +161,7 @@ class TrainData:
         self.mixup_alpha = float(mixup_alpha)
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
         self.source = source or sources_lib.build_source(data_config, dataset, "train")
+        self._host = _host_slice(self.source, process_index, process_count)
         self.num_examples = self.source.total_examples
         self.num_classes = self.source.num_classes
 
@@ -152,7 +171,9 @@ class TrainData:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}.")
         n = source.num_examples
-        position = start_step * self.local_batch_size
+        pi, pc = self._host
+        batch = self.local_batch_size * pc  # positions of the stream per step (all hosts' parts)
+        position = start_step * batch
         start_epoch, offset = divmod(position, n)
         epochs = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS)
         if source.records is not None:
@@ -182,7 +203,11 @@ class TrainData:
 
             def load(pos, ex):
                 return pos, ex
-        ds = ds.enumerate(start=position).map(load)
+        ds = ds.enumerate(start=position)
+        if pc > 1:  # This host's part of every global batch (indices only: cheap to skip).
+            lo, hi = pi * self.local_batch_size, (pi + 1) * self.local_batch_size
+            ds = ds.batch(batch, drop_remainder=True).map(lambda p, i: (p[lo:hi], i[lo:hi])).unbatch()
+        ds = ds.map(load)
         image_size = int(cfg.image_size)
         area_min = float(cfg.crop_area_min)
         random_flip = bool(cfg.random_flip)
@@ -230,7 +255,8 @@ def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, se
         attributes, so a ConfigDict or any object with those attributes).
       dataset: registry name (see `registry.known_datasets()`).
       global_batch_size: batch over all hosts; must be a multiple of jax.device_count(). Each
-        host yields global_batch_size // process_count examples from its own slice.
+        host yields global_batch_size // process_count examples: its part of every global
+        batch (record tables) or of its own slice (streams; see the module docstring).
       seed: data seed (order, crops, flips, mixup).
       start_step: first step to yield; batches equal those of an uninterrupted iterator.
       mixup_alpha: Beta(alpha, alpha) mixup with the batch rolled by one; 0 disables it.
@@ -269,15 +295,22 @@ class EvalData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int,
-                 source: Optional[sources_lib.Source] = None):
+                 source: Optional[sources_lib.Source] = None, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None):
         self._tf = _tf()
         self.config = data_config
         self.dataset = dataset
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
         self.source = source or sources_lib.build_source(data_config, dataset, "eval")
-        self.num_examples = self.source.num_examples
         self.total_examples = self.source.total_examples
-        self.num_batches = max(1, math.ceil(max(self.source.host_counts) / self.local_batch_size))
+        pi, pc = _host_slice(self.source, process_index, process_count)
+        local = self.local_batch_size
+        self.num_batches = max(1, math.ceil(max(self.source.host_counts) / (local * pc)))
+        # This host's real examples: its part of every global batch of the padded pass.
+        positions = np.arange(self.num_batches * local * pc).reshape(self.num_batches, pc, local)
+        positions = positions[:, pi].reshape(-1)
+        self._indices = positions[positions < self.source.num_examples]
+        self.num_examples = len(self._indices)
         self.num_classes = self.source.num_classes
         self.metric = get_metric(data_config, dataset)
 
@@ -294,7 +327,7 @@ class EvalData:
             def load(i):
                 image, label = fetch(i)
                 return {"image": image, "label": label}
-            ds = tf.data.Dataset.range(source.num_examples).map(load)
+            ds = tf.data.Dataset.from_tensor_slices(self._indices).map(load)
         else:
             ds = source.stream_fn()
 
@@ -303,7 +336,7 @@ class EvalData:
                     "label": ex["label"], "mask": tf.constant(1.0, tf.float32)}
 
         ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
-        num_pad = self.num_batches * self.local_batch_size - source.num_examples
+        num_pad = self.num_batches * self.local_batch_size - self.num_examples
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([image_size, image_size, 3], tf.float32),
             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)})

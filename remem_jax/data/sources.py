@@ -8,9 +8,12 @@ A `Source` is either
     {'image': encoded bytes, 'label': int32}; the pipeline shuffles it with a buffer.
 Nothing here decodes an image: decoding happens in the pipeline after shuffling.
 
-Host slicing: a record table gives host p the indices [p::process_count]; a TFDS stream gives
-host p `tfds.even_splits(split, process_count)[p]`. `host_counts` holds every host's count so
-that eval can pad all hosts to the same number of batches without communication.
+Host slicing: a record table is small (bytes of a small dataset, or file paths), so every host
+holds all of it (`shared`) and the pipeline gives host p its part of every global batch: the
+batches then depend on the seed and the global batch size only, not on the number of hosts. A TFDS
+stream gives host p `tfds.even_splits(split, process_count)[p]`, and a few-shot subset of a TFDS
+split (whose bytes may be large) the indices [p::process_count]. `host_counts` holds every host's
+count so that eval can pad all hosts to the same number of batches without communication.
 
 `check_ready` checks, cheaply and before anything else of a run happens, that the configured
 dataset exists on disk (prepared TFDS data, image folders, list files).
@@ -57,11 +60,14 @@ class Source:
       name: dataset name.
       num_classes: number of classes.
       metric: 'top1' or 'mean_per_class'.
-      host_counts: number of examples on each host, indexed by process index.
-      process_index: this host.
+      host_counts: number of examples on each host, indexed by process index; one entry, the
+        table's size, when `shared`.
+      process_index: this host (0 when `shared`).
       records: (data [N] object array of bytes or path strings, labels int32 [N]) or None.
       records_are_paths: whether records[0] holds file paths to read.
       stream_fn: zero-argument function returning a tf.data.Dataset, or None.
+      shared: `records` is the whole table, identical on every host; the pipeline slices every
+        global batch between the hosts.
     """
 
     name: str
@@ -72,6 +78,7 @@ class Source:
     records: Optional[tuple[np.ndarray, np.ndarray]] = None
     records_are_paths: bool = False
     stream_fn: Optional[Callable[[], Any]] = None
+    shared: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -117,12 +124,11 @@ def _select(cfg, role: str, train_labels: np.ndarray,
     return "train", idx
 
 
-def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths, pi, pc):
-    counts = tuple(len(idx[p::pc]) for p in range(pc))
-    host = idx[pi::pc]
-    return Source(name=spec_name, num_classes=num_classes, metric=metric, host_counts=counts,
-                  process_index=pi, records=(data[host], labels[host].astype(np.int32)),
-                  records_are_paths=are_paths)
+def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths):
+    # The whole table on every host (see the module docstring): the pipeline slices each batch.
+    return Source(name=spec_name, num_classes=num_classes, metric=metric, host_counts=(len(idx),),
+                  process_index=0, records=(data[idx], labels[idx].astype(np.int32)),
+                  records_are_paths=are_paths, shared=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,8 +140,7 @@ def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
                                             int(cfg.digits_split_seed))
     which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
     data, labels = splits["train" if which == "train" else "test"]
-    return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False,
-                          pi, pc)
+    return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +306,7 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     which, idx = _select(cfg, role, train_labels, eval_labels)
     data, labels = (train_paths, train_labels) if which == "train" else test["split"]
     return _record_source(spec.name, len(classes), cfg.image_folder_metric, data,
-                          labels, idx, True, pi, pc)
+                          labels, idx, True)
 
 
 def image_folder_num_classes(cfg) -> int:
@@ -532,8 +537,7 @@ def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
             raise DataNotFoundError(f"ImageNet-LT image {full[idx[0]]!r} does not exist: "
                                     "config.data.imagenet_lt_image_root must hold the extracted "
                                     "ILSVRC2012 train/ and val/ folders.")
-        return _record_source(spec.name, spec.num_classes, spec.metric, full, labels, idx, True,
-                              pi, pc)
+        return _record_source(spec.name, spec.num_classes, spec.metric, full, labels, idx, True)
     # Stream imagenet2012 and keep the listed files (matched on file name); the label comes
     # from the list. Every host reads the whole imagenet2012 split (filtering is cheap, the
     # I/O is not: ~11x the LT train set). Set imagenet_lt_image_root to avoid that.

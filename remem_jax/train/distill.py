@@ -14,6 +14,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from remem_jax import checkpoints, errors, files, losses, tree
 from remem_jax.dtypes import DTYPES
@@ -179,11 +180,14 @@ def export_best_student(best_dir: str, best: dict) -> None:
     previous = files.read_json(marker, default={})
     if previous.get("student_checkpoint") == best["student_checkpoint"]:
         return
-    params = tree.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
-    common.save_params(os.path.join(best_dir, "student.npz"), params)
     orbax_dir = os.path.join(best_dir, "orbax")
     if files.exists(orbax_dir) and common.is_chief():  # a different best student from an earlier run
         files.remove_tree(orbax_dir)
+    # Process 0 wrote the student's npz in this stage (and removed the old export): every host
+    # waits for that before reading it and before opening the orbax directory.
+    multihost_utils.sync_global_devices("distill_student: best student written")
+    params = tree.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
+    common.save_params(os.path.join(best_dir, "student.npz"), params)
     common.checkpointer(orbax_dir).save(0, params)
     common.write_json(marker, {"name": best["name"], "student_checkpoint": best["student_checkpoint"]})
 
