@@ -59,7 +59,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 
     stages = stage_functions()
     config_validation.validate(config, stages)
-    workdir_lib.prepare(workdir)
+    workdir_lib.prepare(workdir, create=common.is_chief())
     record = workdir_lib.check_resume(workdir, config.to_dict(), stages, allow_change=allow_config_change,
                                       log=logging.warning)
     data_report = sources.check_ready(config.data, config.dataset)

@@ -48,8 +48,8 @@ _FIELD_STAGES = {
 _ABSENT = "<absent>"
 
 
-def prepare(workdir: str) -> None:
-    """Creates `workdir` if needed.
+def prepare(workdir: str, *, create: bool = True) -> None:
+    """Checks `workdir` and creates it if needed (`create`: process 0 only; other hosts only check).
 
     Raises:
       UserError: it is an existing file, cannot be created, or is on unreachable storage.
@@ -58,7 +58,8 @@ def prepare(workdir: str) -> None:
         if files.exists(workdir) and not files.is_dir(workdir):
             raise errors.UserError(f"--workdir {workdir!r} is an existing file, not a directory; pass a "
                                    "directory (new or from an earlier run).")
-        files.makedirs(workdir)
+        if create:
+            files.makedirs(workdir)
     except errors.UserError:
         raise
     except Exception as e:  # noqa: BLE001 - OS and tf.io.gfile errors
