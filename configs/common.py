@@ -1,10 +1,11 @@
 """Every config field of remem_jax, with its default and what it means.
 
-Dataset configs (configs/<dataset>.py) start from `get_config()` and change only
-what differs. Override any field on the command line:
+`configs/remem.py:<dataset>` is this config on a registry dataset; configs/digits.py starts
+from it and changes only what differs. Override any field on the command line:
 
-  python -m remem_jax.main --config=configs/cifar100.py --workdir=/tmp/run \\
-      --config.finetune.steps=1000 --config.distill.student=mobilenet_v2
+  python -m remem_jax.main --config=configs/remem.py:cifar100 --workdir=/tmp/run \\
+      --config.finetune.steps=1000 --config.finetune.keep_steps="(500, 1000)" \\
+      --config.distill.student=mobilenet_v2
 """
 import ml_collections
 
@@ -12,67 +13,69 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The defaults: the ReMem paper's setting on a ViT-B/16 AugReg i21k teacher."""
     c = ml_collections.ConfigDict()
-    c.dataset = "cifar100"            # a name of remem_jax.data.registry (or 'image_folder', 'digits')
-    c.stages = ("finetune_teacher", "distill_student")  # run in order; see remem_jax/train/stages.py
+    c.dataset = "cifar100"            # a name of remem_jax/data/registry.py; configs/remem.py:<name> sets it
+    c.stages = ("finetune_teacher", "distill_student")  # run in order; remem_jax.main.stage_functions() (train/teacher.py, train/distill.py)
     c.seed = 0                        # seeds init, data order and dropout
 
-    # --- data (remem_jax/data) ---
+    # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
     c.data = ml_collections.ConfigDict()
-    c.data.image_size = 224           # square input size of teacher and student (paper: 224)
+    c.data.image_size = 224           # square input size of teacher and student (paper: 224, as Kornblith et al.)
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir; None = TFDS default
-    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir (resisc45, retinopathy, imagenet)
-    c.data.shuffle_buffer = 10_000    # examples in the train shuffle buffer (encoded images, not floats)
+    c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir: hand-downloaded archives (resisc45, retinopathy, imagenet)
+    c.data.shuffle_buffer = 10_000    # shuffle buffer of streamed TFDS splits, encoded images (record sources shuffle fully)
     c.data.validation_percent = 0     # 0: eval on the test split; k: train on train[:100-k%], eval on train[100-k%:]
-    c.data.few_shot_fraction = 0.0    # 0: whole train split; f in (0, 1]: class-stratified fraction of it
-    c.data.few_shot_per_class = 0     # 0: off; N: N train examples per class (class-stratified)
-    c.data.few_shot_seed = 12         # seed of the few-shot subset (identical on every host and run)
+    c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # None: whole train split; f in (0, 1]: class-stratified fraction of it (>= 1 per class)
+    c.data.few_shot_per_class = ml_collections.FieldReference(None, field_type=int)  # None: off; N: N train examples per class (exclusive with few_shot_fraction)
+    c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)
     c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ class sub-folders
     c.data.imagenet_lt_train_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_train.txt
     c.data.image_folder_metric = "top1"  # metric of the image_folder dataset: 'top1' or 'mean_per_class'
     c.data.imagenet_lt_eval_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_val.txt (paper's 20k) or _test.txt
     c.data.imagenet_lt_image_root = ml_collections.FieldReference(None, field_type=str)  # optional extracted ILSVRC2012 root (train/, val/)
     c.data.digits_test_fraction = 0.25  # offline digits: held-out fraction (stratified, fixed seed)
-    c.data.digits_source_size = 32   # offline digits: stored resolution before resizing to image_size
+    c.data.digits_source_size = 32    # offline digits: side of the stored images (8x8 upsampled, nearest), resized to image_size
     c.data.digits_split_seed = 0      # offline digits: seed of the fixed train/test split
-    c.data.num_parallel_calls = -1    # parallel decode/augment calls; -1 = AUTOTUNE
+    c.data.num_parallel_calls = ml_collections.FieldReference(None, field_type=int)  # parallel decode/augment calls; None: tf.data.AUTOTUNE
     c.data.crop_area_min = 0.05       # inception crop: smallest area fraction
     c.data.random_flip = True         # random horizontal flip in training (off for digits)
     c.data.prefetch = 2               # batches prefetched by tf.data
+    c.data.skip_bad_images = False    # image_folder: False = an undecodable image stops the run (named); True = skip and count them
 
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
     c.teacher.dtype = "float32"       # compute dtype of the teacher: float32 or bfloat16 (params stay float32)
+    c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 
     # --- pretrain_teacher stage: trains a ViT from scratch and saves it as an AugReg npz ---
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.variant = "Ti_16"      # ViT variant ({Ti,S,B,L}_{patch}) of the teacher trained from scratch
-    c.pretrain.num_layers = 0         # 0: the variant's depth; k: a k-block model
+    c.pretrain.num_layers = ml_collections.FieldReference(None, field_type=int)  # None: the variant's depth; k: a k-block model
     c.pretrain.steps = 1000           # optimizer steps
     c.pretrain.batch_size = 128       # global batch size
     c.pretrain.optimizer = "adam"     # 'adam' (AdamW; ViTs from scratch) or 'sgd' (momentum)
     c.pretrain.lr = 1e-3              # peak learning rate (cosine schedule with linear warmup)
     c.pretrain.weight_decay = 1e-4    # decoupled weight decay
-    c.pretrain.warmup_steps = -1      # -1: min(500, 10% of steps)
+    c.pretrain.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # linear-warmup steps; None: min(500, 10% of steps)
     c.pretrain.momentum = 0.9         # SGD momentum
-    c.pretrain.grad_clip_norm = 1.0   # global-norm clip
+    c.pretrain.grad_clip_norm = 1.0   # global-norm clip; 0: no clipping
     c.pretrain.dtype = "float32"      # compute dtype
     c.pretrain.eval_every = 0         # steps between evaluations (0: only at the end)
-    c.pretrain.checkpoint_every = 500  # steps between resume checkpoints
+    c.pretrain.checkpoint_every = 500  # steps between resume checkpoints (0: only at the end)
     c.pretrain.log_every = 50         # steps between progress lines / summaries
 
     # --- finetune_teacher stage (ReMem) ---
     c.finetune = ml_collections.ConfigDict()
     c.finetune.settings = ("remem", "vanilla")  # 'remem' uses the fields below; 'vanilla' forces rho 0, alpha = beta = 1
     c.finetune.steps = 10_000         # optimizer steps (paper grid: 500 ... 10000)
-    c.finetune.keep_steps = (500, 1000, 3000, 5000, 7000, 10_000)  # teacher checkpoints kept and distilled (<= steps)
+    c.finetune.keep_steps = (500, 1000, 3000, 5000, 7000, 10_000)  # teacher checkpoints kept and distilled (each <= steps; steps is always kept)
     c.finetune.batch_size = 512       # global batch size
     c.finetune.accum_steps = 1        # micro-batches per step (gradient accumulation)
     c.finetune.lr = 0.03              # peak learning rate (paper grid 0.005 ... 0.5)
-    c.finetune.warmup_steps = -1      # -1: min(500, 10% of steps)
+    c.finetune.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # linear-warmup steps; None: min(500, 10% of steps)
     c.finetune.momentum = 0.9         # SGD momentum
     c.finetune.weight_decay = 1e-4    # decoupled weight decay on kernels (not part of the SAM ascent)
-    c.finetune.grad_clip_norm = 1.0   # global-norm clip of the (SAM) gradient
+    c.finetune.grad_clip_norm = 1.0   # global-norm clip of the (SAM) gradient; 0: no clipping
     c.finetune.sam_rho = 0.5          # SAM radius; 0 = plain fine-tuning (one gradient pass)
     c.finetune.sync_perturbations = False  # True: ascent from the all-reduced gradient; False: per device (m-sharpness)
     c.finetune.mlp_alpha = 0.8        # ReMem MLP branch weight (1 = pretrained model)
@@ -85,8 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.adapter_reduction = 16  # adapter bottleneck = hidden_size / reduction
     c.finetune.dropout = 0.0          # dropout inside the ViT during fine-tuning
     c.finetune.dtype = "float32"      # compute dtype (bfloat16 on accelerators); params stay float32
-    c.finetune.eval_every = 1000      # steps between evaluations (kept steps are always evaluated)
-    c.finetune.checkpoint_every = 1000  # steps between resume checkpoints
+    c.finetune.eval_every = 1000      # steps between evaluations (0: only kept steps; kept steps are always evaluated)
+    c.finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only kept steps; kept steps are always saved)
     c.finetune.log_every = 50         # steps between progress lines / summaries
 
     # --- distill_student stage ---
@@ -96,31 +99,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.steps = 20_000          # optimizer steps (paper: 2e4; patient: 2e5)
     c.distill.batch_size = 512        # global batch size
     c.distill.lr = 0.1                # peak learning rate (paper grid KD {0.05, 0.1, 0.5}, DIST {0.5, 0.7, 1.0})
-    c.distill.warmup_steps = -1       # -1: 5% of steps
+    c.distill.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # linear-warmup steps; None: 5% of steps
     c.distill.momentum = 0.9          # SGD momentum
     c.distill.weight_decay = 1e-4     # decoupled weight decay on kernels
-    c.distill.grad_clip_norm = 1.0    # global-norm clip; 0 = none
+    c.distill.grad_clip_norm = 1.0    # global-norm clip; 0: no clipping
     c.distill.temperature = 1.0       # KD temperature T (paper grid {1, 2, 4})
     c.distill.kd_weight = 0.5         # KD interpolation weight lambda (paper grid {0.1, 0.5, 0.9})
     c.distill.dist_beta = 1.0         # DIST inter-class weight
     c.distill.dist_gamma = 1.0        # DIST intra-class weight
     c.distill.dist_tau = 1.0          # DIST temperature
-    c.distill.mixup_alpha = -1.0      # mixup Beta(alpha, alpha) on the shared input; -1: 0.8 for patient, 0 for kd/dist
+    c.distill.mixup_alpha = ml_collections.FieldReference(None, field_type=float)  # mixup Beta(alpha, alpha) on the shared input (0: off); None: 0.8 for patient, 0 for kd/dist
     c.distill.scratch_baseline = True  # also train the student from labels only, same schedule
     c.distill.teachers = "all"        # 'all' kept teacher checkpoints, or 'last' of each setting
     c.distill.width_multiplier = 1.0  # MobileNetV2 width multiplier
     c.distill.dtype = "float32"       # student compute dtype
     c.distill.eval_every = 0          # steps between student evaluations (0: only at the end)
-    c.distill.checkpoint_every = 1000  # steps between resume checkpoints
+    c.distill.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
     c.distill.log_every = 100         # steps between progress lines / summaries
     c.distill.export_formats = ("stablehlo", "savedmodel", "tflite")  # best student's verified serving exports (remem_jax/export.py); () = none
-    return c
-
-
-def for_dataset(name: str, **data_changes) -> ml_collections.ConfigDict:
-    """The paper's ReMem setting on a registry dataset (ViT-B/16 AugReg i21k teacher, 224 px)."""
-    c = get_config()
-    c.dataset = name
-    for key, value in data_changes.items():
-        c.data[key] = value
     return c

@@ -12,12 +12,13 @@ Run (about 10 minutes on 2 CPU cores):
 Expected: teachers and students far above chance (10%); see the README for the
 figures of a measured run.
 """
-from configs import common
+from configs import remem
 
 
 def get_config():
+    c = remem.get_config("digits")
     # Digits are not flip-invariant and an 8x8 glyph does not survive a 5% crop.
-    c = common.for_dataset("digits", image_size=32, shuffle_buffer=2048, crop_area_min=0.7, random_flip=False)
+    c.data.update(dict(image_size=32, shuffle_buffer=2048, crop_area_min=0.7, random_flip=False))
     c.stages = ("pretrain_teacher", "finetune_teacher", "distill_student")
     c.teacher.checkpoint = "pretrain"
 

@@ -42,12 +42,12 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from remem_jax import optim, tree
+from remem_jax import devices as device_lib, optim, tree
+from remem_jax.dtypes import DTYPES
 from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
 
 AXIS = "batch"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill")
 # name -> (numerator mode, denominator mode), both timed in the same process.
 RATIOS = {
@@ -138,7 +138,7 @@ def options_from_flags(flag_values: flags.FlagValues) -> BenchmarkOptions:
 
 def shard_batch(batch: Any, devices: Sequence[jax.Device]) -> Any:
     """Puts `[num_devices, per_device, ...]` host arrays on the devices, laid out as pmap's inputs
-    (the same sharding `step.replicate` uses), so no step re-transfers the batch."""
+    (the same sharding `devices.replicate` uses), so no step re-transfers the batch."""
     sharding = NamedSharding(Mesh(np.array(list(devices)), (AXIS,)), PartitionSpec(AXIS))
     return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
@@ -338,7 +338,7 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
     """Times one mode; returns its JSON record."""
     setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
     n = len(devices)
-    state = step_lib.replicate(setup.state, AXIS, devices)
+    state = device_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
         "mode": mode, "description": setup.description, "sam_rho": setup.sam_rho,
         "trainable_params": tree.param_count(setup.state.params),

@@ -7,9 +7,17 @@ arrays, with pre-Linen module names (`MultiHeadDotProductAttention_1`, ...);
 `convert_pre_linen`: `MultiHeadDotProductAttention_0`, `LayerNorm_1`,
 `MlpBlock_0`) are accepted and renamed. Paths may be local or `gs://` (through
 `tf.io.gfile`).
+
+Remote checkpoints can be fetched once into a local cache (`fetch`, or
+`cache_dir=` of `load_npz` / `load_augreg`): a streaming copy to a temporary
+file renamed into place, checked against the remote size, and reused while
+the remote file keeps its size and modification time. Storage that cannot be
+reached, files that are a Git LFS pointer or an HTML page instead of the
+checkpoint, and NaN / inf parameters are reported by name.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
@@ -18,6 +26,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import scipy.ndimage
+from absl import logging
 
 from remem_jax import errors, files, tree
 from remem_jax.models import vit
@@ -53,6 +62,10 @@ class CheckpointError(errors.UserError, ValueError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
+class RemoteUnavailableError(CheckpointError):
+    """The storage of a remote checkpoint cannot be reached, needs credentials, or is unknown to TF."""
+
+
 def resolve_checkpoint(path_or_name: str) -> str:
     """Maps a known AugReg name (`B_16`, `B_16-i1k`, ...) to its gs:// path; other strings pass.
 
@@ -69,28 +82,189 @@ def resolve_checkpoint(path_or_name: str) -> str:
     return path_or_name
 
 
-def load_npz(path: str) -> dict[str, np.ndarray]:
-    """Reads a flat `{'a/b/c': array}` npz (local or gs://), with no pickles.
+# ----------------------------------------------------------------------------- remote files and the cache
+
+def default_cache_dir() -> str:
+    """Where remote checkpoints are cached by default: `$XDG_CACHE_HOME/remem_jax/checkpoints`.
+
+    (`~/.cache/remem_jax/checkpoints` when XDG_CACHE_HOME is unset.) A per-user,
+    per-machine cache rather than one per workdir: every run and sweep of the
+    same teacher shares one copy, every host of a multi-host run keeps its own
+    local copy, and it works when the workdir itself is on gs://.
+    """
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "remem_jax", "checkpoints")
+
+
+def cached_path(path: str, cache_dir: str) -> str:
+    """The cache file of a remote path: `gs://bucket/a/b.npz` -> `<cache_dir>/gs/bucket/a/b.npz`."""
+    scheme, rest = path.split("://", 1)
+    parts = [p for p in rest.split("/") if p not in ("", ".", "..")]
+    return os.path.join(cache_dir, scheme, *parts)
+
+
+def _unreachable_message(path: str, cause: str) -> str:
+    how = f"`gsutil cp {path} .`" if path.startswith("gs://") else "with your storage's command-line tool"
+    return (f"Cannot read checkpoint {path}: {cause}. Download it, e.g. {how}, and pass the local path "
+            "as config.teacher.checkpoint.")
+
+
+@contextlib.contextmanager
+def _remote_access(path: str):
+    """Turns the tf.io.gfile errors of unreachable storage into one RemoteUnavailableError."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised unchanged
+        cause = files.remote_failure(path, e)
+        if cause is None:
+            raise
+        raise RemoteUnavailableError(_unreachable_message(path, cause)) from e
+
+
+def _remote_stat(path: str):
+    import tensorflow as tf
+    with _remote_access(path):
+        try:
+            return files.gfile().stat(path)
+        except tf.errors.NotFoundError:
+            raise CheckpointError(f"Checkpoint file {path!r} does not exist.") from None
+
+
+def fetch(path: str, cache_dir: str) -> str:
+    """The local copy of the remote checkpoint `path` in `cache_dir`, fetched at most once.
+
+    The copy is streamed to a temporary file, checked against the remote size
+    (`tf.io.gfile.stat`) and renamed into place, so the cache never holds a
+    partial file under the real name; a `<file>.json` beside it records the
+    remote size and modification time. A cached copy is reused while both
+    match (only a metadata call reaches the storage); a copy of another size
+    (truncated, replaced by hand) or of a changed remote file is fetched again.
+    When the storage cannot be reached, a complete cached copy is used.
 
     Raises:
-      CheckpointError: missing, truncated or not an npz file.
+      CheckpointError: the remote file does not exist, or the fetch came back
+        short or could not be written to `cache_dir`.
+      RemoteUnavailableError: the storage cannot be reached and nothing usable
+        is cached.
     """
-    if not files.exists(path):
-        raise CheckpointError(f"Checkpoint file {path!r} does not exist.")
-    data = files.read_bytes(path)
+    if files.is_remote(cache_dir):
+        raise CheckpointError(f"The checkpoint cache must be a local folder, got {cache_dir!r} "
+                              "(config.teacher.cache_dir).")
+    local = cached_path(path, cache_dir)
+    meta_path = local + ".json"
     try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = files.read_json(meta_path, default=None)
+    except ValueError:  # an unreadable record: treat the copy as unverified
+        meta = None
+    local_size = os.path.getsize(local) if os.path.isfile(local) else None
+    try:
+        stat = _remote_stat(path)
+    except RemoteUnavailableError:
+        if meta and meta.get("source") == path and local_size is not None and meta.get("size") == local_size:
+            logging.warning("Cannot reach %s; using the complete cached copy %s (%d bytes).", path, local, local_size)
+            return local
+        raise
+    record = {"source": path, "size": int(stat.length), "mtime_nsec": int(stat.mtime_nsec)}
+    if meta == record and local_size == record["size"]:
+        logging.info("Using the cached copy %s of %s.", local, path)
+        return local
+    if local_size is not None:
+        logging.warning("Cached copy %s has %d bytes, %s has %d (or changed): fetching it again.",
+                        local, local_size, path, record["size"])
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    logging.info("Fetching %s (%.1f MiB) into %s.", path, record["size"] / 2**20, local)
+    with _remote_access(path):
+        try:
+            files.copy_file(path, local, expected_size=record["size"])
+        except files.IncompleteCopyError as e:
+            raise CheckpointError(f"Fetching checkpoint {path!r} stopped early ({e}); nothing was cached. "
+                                  "Run again to retry.") from e
+        except OSError as e:
+            raise CheckpointError(f"Cannot cache checkpoint {path!r} in {cache_dir!r} ({type(e).__name__}: {e}); "
+                                  "free space there or set config.teacher.cache_dir.") from e
+    files.write_json(meta_path, record)
+    return local
+
+
+def _check_is_npz(path: str, head: bytes, nbytes: int) -> None:
+    """Names the two files most often mistaken for a checkpoint: a Git LFS pointer and an HTML page."""
+    if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
+        raise CheckpointError(
+            f"Checkpoint {path!r} is a Git LFS pointer ({nbytes} bytes), not the checkpoint: fetch the real "
+            "file with `git lfs pull` in the repository it came from.")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith(b"<!doctype html") or text.startswith(b"<html"):
+        raise CheckpointError(
+            f"Checkpoint {path!r} is an HTML page ({nbytes} bytes), not an npz: download the file itself "
+            "(e.g. `gsutil cp gs://vit_models/augreg/<name>.npz .`), not the web page that lists it.")
+
+
+def _check_finite(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    bad = []
+    for key in sorted(arrays):
+        value = arrays[key]
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            nan = int(np.isnan(value).sum())
+            bad.append(f"{key} ({nan} NaN, {int(value.size - nan - np.isfinite(value).sum())} inf "
+                       f"of {value.size})")
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise CheckpointError(
+            f"Checkpoint {path!r} has NaN or inf values in {len(bad)} of {len(arrays)} arrays: {shown}. "
+            "It was saved from a diverged run or is corrupt; use another checkpoint.")
+
+
+def load_npz(path: str, *, cache_dir: Optional[str] = None) -> dict[str, np.ndarray]:
+    """Reads a flat `{'a/b/c': array}` npz (local or gs://), with no pickles.
+
+    Args:
+      path: a local or remote (gs://, ...) npz.
+      cache_dir: for a remote `path`, read it through the local cache there
+        (see `fetch`); None reads the remote file directly.
+
+    Raises:
+      CheckpointError: missing, truncated or not an npz file (a Git LFS pointer
+        and an HTML page are named as such), unreachable storage, or NaN / inf
+        values (the keys are listed).
+    """
+    if files.is_remote(path) and cache_dir:
+        source = fetch(path, cache_dir)
+        with open(source, "rb") as f:
+            head = f.read(512)
+        nbytes = os.path.getsize(source)
+    elif files.is_remote(path):
+        with _remote_access(path):
+            if not files.exists(path):
+                raise CheckpointError(f"Checkpoint file {path!r} does not exist.")
+            data = files.read_bytes(path)
+        source, head, nbytes = io.BytesIO(data), data[:512], len(data)
+    else:
+        if not os.path.exists(path):
+            raise CheckpointError(f"Checkpoint file {path!r} does not exist.")
+        if os.path.isdir(path):
+            raise CheckpointError(f"Checkpoint {path!r} is a directory, not an npz file.")
+        with open(path, "rb") as f:
+            head = f.read(512)
+        source, nbytes = path, os.path.getsize(path)
+    _check_is_npz(path, head, nbytes)
+    try:
+        npz = np.load(source, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise CheckpointError(f"{path!r} holds a single array, not an npz archive of parameters.")
         with npz:
-            return {key: np.asarray(npz[key]) for key in npz.files}
+            arrays = {key: np.asarray(npz[key]) for key in npz.files}
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"Checkpoint {path!r} ({len(data)} bytes) is not a readable npz archive; it may be "
+            f"Checkpoint {path!r} ({nbytes} bytes) is not a readable npz archive; it may be "
             f"truncated or corrupt: {type(e).__name__}: {e}") from e
+    _check_finite(path, arrays)
+    return arrays
 
+
+# ----------------------------------------------------------------------------- ViT checkpoints
 
 def to_raw_names(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Renames Linen-numbered block modules to the raw AugReg names; raw trees pass unchanged.
@@ -175,19 +349,29 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, has_class_token: bool = T
 
 
 def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
-                image_size: Optional[int] = None, **model_overrides
-                ) -> tuple[vit.VisionTransformer, dict[str, Any]]:
+                image_size: Optional[int] = None, cache_dir: Optional[str] = None,
+                **model_overrides) -> tuple[vit.VisionTransformer, dict[str, Any]]:
     """Loads an AugReg / ViT npz as a model and its parameter tree.
+
+    The head rule: the checkpoint's head is kept only when it still reads the
+    representation it was trained on and has the requested class count, i.e.
+    `num_classes` equals the checkpoint's and its `pre_logits` layer (if any)
+    is kept. Otherwise the head is a zero head (kernel and bias zero, as
+    vit_jax): for a new class count, and also for an unchanged one when
+    `representation_size=None` drops the checkpoint's `pre_logits` (the head
+    would read the encoder output instead of the tanh layer it was trained on).
+    A head kept after `pretrain_teacher` (same classes, no pre_logits) is right.
 
     Args:
       path_or_name: local path, gs:// path, or a known name (`B_16`, `B_16-i1k`, ...).
-      num_classes: classes of the returned model; when it differs from the
-        checkpoint's head, the head is replaced by a zero head (vit_jax).
+      num_classes: classes of the returned model; None keeps the checkpoint's.
       image_size: square input resolution; when it differs from the
         checkpoint's, the position embeddings are resized (vit_jax algorithm).
+      cache_dir: read a remote checkpoint through a local cache there (fetched
+        once; see `fetch`); None reads it directly.
       **model_overrides: other `VisionTransformer` fields (dtype, dropout,
         mlp_alpha, ...). `representation_size=None` drops a checkpoint's
-        `pre_logits` as vit_jax does.
+        `pre_logits` as vit_jax does (and resets the head, see above).
 
     Returns:
       `(model, params)`: the model and a nested dict of float32 numpy arrays
@@ -199,7 +383,7 @@ def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
         mismatch is listed).
     """
     path = resolve_checkpoint(path_or_name)
-    flat = to_raw_names(load_npz(path))
+    flat = to_raw_names(load_npz(path, cache_dir=cache_dir))
     found = infer_vit_config(flat)
     ckpt_image_size, ckpt_classes = found.pop("image_size"), found.pop("num_classes")
     if ckpt_classes is None:
@@ -212,9 +396,12 @@ def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
     except TypeError as e:
         raise CheckpointError(f"Bad model override for {path!r}: {e}") from e
 
+    dropped_pre_logits = config.get("representation_size") is None and "pre_logits/kernel" in flat
     if config.get("representation_size") is None:
         flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
-    if config["num_classes"] != ckpt_classes:
+    if dropped_pre_logits and config["num_classes"] == ckpt_classes:
+        logging.info("%s: pre_logits dropped, so the head (trained on pre_logits) is reset to zeros.", path)
+    if config["num_classes"] != ckpt_classes or dropped_pre_logits:
         width = config.get("representation_size") or config["hidden_size"]
         flat["head/kernel"] = np.zeros((width, config["num_classes"]), np.float32)
         flat["head/bias"] = np.zeros((config["num_classes"],), np.float32)

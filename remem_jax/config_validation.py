@@ -1,19 +1,30 @@
-"""Start-up validation of a run config; every error names the field, the expected and the actual value."""
+"""Start-up validation of a run config; every error names the field, the expected and the actual value.
+
+The allowed values of a field are owned by the module that implements them (modes in `surgery`,
+methods in `train.distill`, students in `models.students`, ...); this module only reads them.
+"""
 from __future__ import annotations
+
+from typing import Iterable, Optional
 
 import ml_collections
 
+from remem_jax import export, optim, surgery
+from remem_jax.data import registry
+from remem_jax.dtypes import DTYPES
 from remem_jax.errors import UserError
+from remem_jax.models import students, vit
+from remem_jax.train import distill, teacher
 
 
-def _check(condition: bool, field: str, expected: str, value) -> None:
+def _check(condition: bool, field: str, expected: str, value, detail: Optional[str] = None) -> None:
     if not condition:
-        raise UserError(f"config.{field} must be {expected}, got {value!r}.")
+        raise UserError(f"config.{field} must be {expected}, got {value!r}" + (f"; {detail}." if detail else "."))
 
 
-def _positive_int(c, field):
-    value = _get(c, field)
-    _check(isinstance(value, int) and value > 0, field, "a positive integer", value)
+def _one_of(field: str, value, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    _check(value in allowed, field, f"one of {', '.join(allowed)}", value)
 
 
 def _get(c, field):
@@ -23,54 +34,116 @@ def _get(c, field):
     return node
 
 
-def _warmup(c, section):
+def _positive_int(c, field):
+    value = _get(c, field)
+    _check(isinstance(value, int) and value > 0, field, "a positive integer", value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_positive_int(c, field, default: str):
+    value = _get(c, field)
+    _check(value is None or (_is_int(value) and value > 0), field, f"None ({default}) or a positive integer", value)
+
+
+def _warmup(c, section, default: str):
     s = c[section]
-    _check(s.warmup_steps == -1 or 0 <= s.warmup_steps < s.steps, f"{section}.warmup_steps",
-           f"-1 (default) or in [0, {section}.steps={s.steps})", s.warmup_steps)
+    w = s.warmup_steps
+    _check(w is None or (_is_int(w) and 0 <= w < s.steps), f"{section}.warmup_steps",
+           f"None ({default}) or an integer in [0, {section}.steps={s.steps})", w)
+
+
+def _cadence(c, section):
+    """log_every > 0; eval_every and checkpoint_every >= 0 (0: only kept steps and the end)."""
+    _positive_int(c, f"{section}.log_every")
+    for name in ("eval_every", "checkpoint_every"):
+        value = c[section][name]
+        _check(_is_int(value) and value >= 0, f"{section}.{name}", "an integer >= 0 (0: only kept steps and the end)",
+               value)
+
+
+def _keep_steps(f) -> None:
+    keep = tuple(f.keep_steps)
+    _check(all(isinstance(s, int) and s > 0 for s in keep), "finetune.keep_steps", "positive step numbers", f.keep_steps)
+    too_late = [s for s in keep if s > f.steps]
+    _check(not too_late, "finetune.keep_steps", f"step numbers <= finetune.steps ({f.steps})", f.keep_steps,
+           f"{too_late} would never be reached")
+
+
+# Registry kinds whose data is wherever the user says: the fields that must say it.
+_REQUIRED_DATA_PATHS = {
+    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg"},
+    "imagenet_lt": {"imagenet_lt_train_list": "the path of ImageNet_LT_train.txt",
+                    "imagenet_lt_eval_list": "the path of ImageNet_LT_val.txt or ImageNet_LT_test.txt"},
+}
+
+
+def _dataset(config) -> None:
+    spec = registry.get_spec(config.dataset)  # UnknownDatasetError names the known datasets.
+    required = dict(_REQUIRED_DATA_PATHS.get(spec.kind, {}))
+    if config.data.validation_percent:  # eval is held out of the train list: no eval list is read
+        required.pop("imagenet_lt_eval_list", None)
+    for name, expected in required.items():
+        value = config.data[name]
+        _check(bool(value), f"data.{name}", f"{expected} (dataset {config.dataset!r})", value)
 
 
 def validate(config: ml_collections.ConfigDict, stage_names) -> None:
-    """Raises UserError for the first invalid field of `config`."""
+    """Raises UserError for the first invalid field of `config` (UnknownDatasetError for config.dataset)."""
     stages = tuple(config.stages)
     _check(len(stages) > 0, "stages", "a non-empty list of stages", config.stages)
     for s in stages:
         _check(s in stage_names, "stages", f"a list of {sorted(stage_names)}", s)
+    _dataset(config)
     _check(isinstance(config.data.image_size, int) and config.data.image_size > 0, "data.image_size",
            "a positive integer", config.data.image_size)
     _check(0 <= config.data.validation_percent < 100, "data.validation_percent", "in [0, 100)",
            config.data.validation_percent)
-    _check(0.0 <= config.data.few_shot_fraction <= 1.0, "data.few_shot_fraction", "in [0, 1]",
-           config.data.few_shot_fraction)
+    data = config.data
+    _check(data.few_shot_fraction is None or 0.0 < data.few_shot_fraction <= 1.0, "data.few_shot_fraction",
+           "None (whole train split) or in (0, 1]", data.few_shot_fraction)
+    _optional_positive_int(config, "data.few_shot_per_class", "off")
+    _check(data.few_shot_fraction is None or data.few_shot_per_class is None, "data.few_shot_per_class",
+           f"None when data.few_shot_fraction is set ({data.few_shot_fraction})", data.few_shot_per_class)
+    _optional_positive_int(config, "data.num_parallel_calls", "tf.data.AUTOTUNE")
+    _one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     if "pretrain_teacher" in stages:
         p = config.pretrain
         for f in ("steps", "batch_size"):
             _positive_int(config, f"pretrain.{f}")
+        try:
+            vit.variant_config(p.variant)
+        except ValueError as e:
+            raise UserError(f"config.pretrain.variant: {e}") from None
+        _optional_positive_int(config, "pretrain.num_layers", "the variant's depth")
         _check(p.lr > 0, "pretrain.lr", "> 0", p.lr)
-        _warmup(config, "pretrain")
-        _check(p.optimizer in ("sgd", "adam"), "pretrain.optimizer", "'sgd' or 'adam'", p.optimizer)
+        _warmup(config, "pretrain", "min(500, 10% of steps)")
+        _cadence(config, "pretrain")
+        _one_of("pretrain.optimizer", p.optimizer, optim.OPTIMIZERS)
+        _one_of("pretrain.dtype", p.dtype, DTYPES)
 
     if "finetune_teacher" in stages:
         f = config.finetune
         for name in ("steps", "batch_size", "accum_steps"):
             _positive_int(config, f"finetune.{name}")
         _check(f.lr > 0, "finetune.lr", "> 0", f.lr)
-        _warmup(config, "finetune")
+        _warmup(config, "finetune", "min(500, 10% of steps)")
+        _cadence(config, "finetune")
         _check(0.0 <= f.sam_rho <= 10.0, "finetune.sam_rho", "in [0, 10] (paper: 0.005, 0.05, 0.5)", f.sam_rho)
         _check(0.0 < f.mlp_alpha <= 2.0, "finetune.mlp_alpha", "in (0, 2] (1 = pretrained)", f.mlp_alpha)
         _check(0.0 < f.attn_beta <= 2.0, "finetune.attn_beta", "in (0, 2] (1 = pretrained)", f.attn_beta)
-        _check(f.residual_mode in ("two_minus", "inverse"), "finetune.residual_mode",
-               "'two_minus' or 'inverse'", f.residual_mode)
-        _check(f.mode in ("full", "lora", "adapter", "head"), "finetune.mode",
-               "one of full, lora, adapter, head", f.mode)
-        _check(len(f.settings) > 0 and all(s in ("remem", "vanilla") for s in f.settings),
-               "finetune.settings", "a non-empty list of 'remem', 'vanilla'", f.settings)
-        _check(all(isinstance(s, int) and 0 < s for s in f.keep_steps), "finetune.keep_steps",
-               "positive step numbers", f.keep_steps)
+        _one_of("finetune.residual_mode", f.residual_mode, vit.RESIDUAL_MODES)
+        _one_of("finetune.mode", f.mode, surgery.TRAINABLE_MODES)
+        _check(len(f.settings) > 0 and all(s in teacher.SETTINGS for s in f.settings),
+               "finetune.settings", f"a non-empty list of {', '.join(teacher.SETTINGS)}", f.settings)
+        _keep_steps(f)
         _check(f.lora_rank > 0, "finetune.lora_rank", "a positive integer", f.lora_rank)
-        _check(f.lora_targets in ("qv", "all"), "finetune.lora_targets", "'qv' or 'all'", f.lora_targets)
+        _one_of("finetune.lora_targets", f.lora_targets, surgery.LORA_PRESETS)
         _check(f.adapter_reduction > 0, "finetune.adapter_reduction", "a positive integer", f.adapter_reduction)
-        _check(f.dtype in ("float32", "bfloat16"), "finetune.dtype", "'float32' or 'bfloat16'", f.dtype)
+        _one_of("finetune.dtype", f.dtype, DTYPES)
         _check(0.0 <= f.momentum < 1.0, "finetune.momentum", "in [0, 1)", f.momentum)
         _check(f.batch_size % f.accum_steps == 0, "finetune.accum_steps",
                f"a divisor of finetune.batch_size ({f.batch_size})", f.accum_steps)
@@ -79,17 +152,17 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         d = config.distill
         for name in ("steps", "batch_size"):
             _positive_int(config, f"distill.{name}")
+        _one_of("distill.student", d.student, students.STUDENTS)
         _check(d.lr > 0, "distill.lr", "> 0", d.lr)
-        _warmup(config, "distill")
-        _check(d.method in ("kd", "dist", "patient"), "distill.method", "one of kd, dist, patient", d.method)
+        _warmup(config, "distill", "5% of steps")
+        _cadence(config, "distill")
+        _one_of("distill.method", d.method, distill.METHODS)
         _check(d.temperature > 0, "distill.temperature", "> 0", d.temperature)
         _check(0.0 <= d.kd_weight <= 1.0, "distill.kd_weight", "in [0, 1]", d.kd_weight)
-        _check(d.mixup_alpha >= 0 or d.mixup_alpha == -1, "distill.mixup_alpha",
-               "-1 (the method's default) or >= 0", d.mixup_alpha)
-        _check(d.teachers in ("all", "last"), "distill.teachers", "'all' or 'last'", d.teachers)
-        _check(d.dtype in ("float32", "bfloat16"), "distill.dtype", "'float32' or 'bfloat16'", d.dtype)
-        from remem_jax.export import FORMATS
-        _check(all(f in FORMATS for f in d.get("export_formats", ())), "distill.export_formats",
-               f"a tuple of {', '.join(FORMATS)} (or () for none)", d.get("export_formats"))
-    _check(config.teacher.dtype in ("float32", "bfloat16"), "teacher.dtype", "'float32' or 'bfloat16'",
-           config.teacher.dtype)
+        _check(d.mixup_alpha is None or d.mixup_alpha >= 0, "distill.mixup_alpha",
+               f"None ({distill.PATIENT_MIXUP_ALPHA} for patient, 0 for kd/dist) or >= 0 (0: off)", d.mixup_alpha)
+        _one_of("distill.teachers", d.teachers, distill.TEACHER_SELECTIONS)
+        _one_of("distill.dtype", d.dtype, DTYPES)
+        _check(isinstance(d.export_formats, (tuple, list)) and all(f in export.FORMATS for f in d.export_formats),
+               "distill.export_formats", f"a tuple of {', '.join(export.FORMATS)} (() for none)", d.export_formats)
+    _one_of("teacher.dtype", config.teacher.dtype, DTYPES)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
-from typing import Any
+from typing import Any, Iterable, Optional, Union
+
+CHUNK_BYTES = 16 << 20  # streaming copies move 16 MiB at a time
 
 
 def gfile():
@@ -42,6 +45,11 @@ def remove_tree(path: str) -> None:
     gfile().rmtree(path)
 
 
+def size(path: str) -> int:
+    """The length in bytes of the file at `path` (a metadata call for remote paths)."""
+    return gfile().stat(path).length if is_remote(path) else os.path.getsize(path)
+
+
 def read_bytes(path: str) -> bytes:
     if is_remote(path):
         with gfile().GFile(path, "rb") as f:
@@ -57,13 +65,16 @@ def read_json(path: str, default: Any = None) -> Any:
     return json.loads(read_bytes(path).decode("utf-8"))
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
     """Writes `data` to `path` so that `path` is either the old file or the complete new one.
 
-    The bytes go to a uniquely named temporary file beside `path` (flushed and
-    fsync-ed locally), which is then renamed over `path`. On any failure the
-    temporary file is removed and an existing `path` is left untouched.
+    `data` is the bytes, or an iterable of byte chunks (a streaming copy; an
+    exception raised while iterating aborts the write). The bytes go to a
+    uniquely named temporary file beside `path` (flushed and fsync-ed locally),
+    which is then renamed over `path`. On any failure the temporary file is
+    removed and an existing `path` is left untouched.
     """
+    chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     parent = os.path.dirname(path)
     if parent:
         makedirs(parent)
@@ -71,17 +82,74 @@ def atomic_write(path: str, data: bytes) -> None:
     try:
         if is_remote(path):
             with gfile().GFile(tmp, "wb") as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
             gfile().rename(tmp, path, overwrite=True)
         else:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for chunk in chunks:
+                    f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
         if exists(tmp):
             (gfile().remove if is_remote(tmp) else os.remove)(tmp)
+
+
+class IncompleteCopyError(OSError):
+    """A copy ended with a different number of bytes than the source has."""
+
+
+def copy_file(src: str, dst: str, expected_size: Optional[int] = None) -> int:
+    """Streams `src` to `dst` through `atomic_write`, in `CHUNK_BYTES` pieces; returns the bytes copied.
+
+    Raises:
+      IncompleteCopyError: `expected_size` is given and the copy has another
+        length (a cut-short download); `dst` is then left as it was.
+    """
+    copied = 0
+
+    def chunks():
+        nonlocal copied
+        with (gfile().GFile(src, "rb") if is_remote(src) else open(src, "rb")) as f:
+            while True:
+                chunk = f.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                copied += len(chunk)
+                yield chunk
+        if expected_size is not None and copied != expected_size:
+            raise IncompleteCopyError(f"copying {src} gave {copied} bytes, but it has {expected_size}")
+
+    atomic_write(dst, chunks())
+    return copied
+
+
+def remote_failure(path: str, err: BaseException) -> Optional[str]:
+    """Why the remote `path` could not be used, when `err` says the storage itself failed.
+
+    Returns a short cause (unreachable, needs credentials, a scheme TensorFlow
+    cannot read) for the `tf.errors.OpError`s `tf.io.gfile` raises in those
+    cases, or None for anything else (a missing file is not a storage failure).
+    """
+    if not is_remote(path):
+        return None
+    import tensorflow as tf
+    if not isinstance(err, tf.errors.OpError) or isinstance(err, tf.errors.NotFoundError):
+        return None
+    detail = " ".join(str(getattr(err, "message", "") or err).split())
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    scheme = path.split("://", 1)[0]
+    if isinstance(err, tf.errors.UnimplementedError):
+        cause = f"TensorFlow has no file system for {scheme}:// paths"
+    elif (isinstance(err, (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError))
+          or re.search(r"credential|permission|unauthori[sz]ed|\b40[13]\b", detail, re.IGNORECASE)):
+        cause = "access was denied: the storage needs credentials this machine does not have"
+    else:
+        cause = "the storage could not be reached (no network, or the host is blocked)"
+    return f"{cause} ({type(err).__name__}: {detail})"
 
 
 def write_text(path: str, text: str) -> None:

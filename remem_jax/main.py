@@ -6,7 +6,10 @@ The final metrics of every stage go to `DIR/results.json`, the student table to
 `DIR/results.md`, and TensorBoard summaries to `DIR`.
 
 Mistakes in the input (an unknown config field or value, a missing checkpoint or
-dataset) end the program with a one-line message and exit status 2.
+dataset) end the program with a one-line message and exit status 2. Start-up
+checks come first, in this order, before any checkpoint is fetched: the config,
+the workdir, the config the workdir was started with (`<workdir>/config.json`;
+see `remem_jax.workdir`), and the dataset on disk.
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Continue a workdir although fields that alter results of its started stages changed (finished "
+    "work is not redone); the change is recorded in <workdir>/config.json.")
 
 
 def stage_functions():
@@ -39,17 +46,25 @@ class _QuietLibraries:
         return record.levelno > 20 or not noisy  # 20 = INFO
 
 
-def run(config, workdir: str) -> dict:
-    """Validates `config` and runs its stages in `workdir`; returns every stage's results."""
+def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Checks `config`, `workdir` and the data, then runs the stages; returns every stage's results."""
     import jax
     from clu import metric_writers
     from jax.experimental import multihost_utils
 
     from remem_jax import config_validation, files
+    from remem_jax import workdir as workdir_lib
+    from remem_jax.data import sources
     from remem_jax.train import common
 
     stages = stage_functions()
     config_validation.validate(config, stages)
+    workdir_lib.prepare(workdir, create=common.is_chief())
+    record = workdir_lib.check_resume(workdir, config.to_dict(), stages, allow_change=allow_config_change,
+                                      log=logging.warning)
+    data_report = sources.check_ready(config.data, config.dataset)
+    if common.is_chief():
+        record.write()
     logging.info("JAX process %d/%d, %d local devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.devices()[0].platform)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -57,9 +72,14 @@ def run(config, workdir: str) -> dict:
     results_path = ctx.path("results.json")
     ctx.results = files.read_json(results_path, default={})
     ctx.results["config"] = config.to_dict()
+    ctx.results["data"] = data_report
     for name in config.stages:
         logging.info("=== stage %s ===", name)
+        if common.is_chief():
+            record.stage_started(name)
         ctx.results[name] = stages[name](ctx)
+        if "skipped_bad_images" in data_report:
+            ctx.results[name]["skipped_bad_images"] = data_report["skipped_bad_images"]
         common.write_json(results_path, ctx.results)
         # Later stages read what this one wrote (process 0): every host waits for it.
         multihost_utils.sync_global_devices(f"stage {name} done")
@@ -73,16 +93,20 @@ def _user_error_types():
     return (errors.UserError, registry.UnknownDatasetError, sources.DataNotFoundError)
 
 
+def _exit_with_user_error(e: Exception):
+    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    print(f"remem_jax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except _user_error_types() as e:
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"remem_jax: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_user_error(e)
 
 
 def _make_config_siblings_importable(argv):
@@ -94,10 +118,12 @@ def _make_config_siblings_importable(argv):
 
 
 def _check_flags_or_exit(argv):
-    """Flag errors (unknown config field, bad override) -> one line, exit 2, no traceback."""
+    """Flag errors (unknown config field, bad override, bad config argument) -> one line, exit 2, no traceback."""
     _make_config_siblings_importable(argv)
     try:
         rest = flags.FLAGS(argv)
+    except _user_error_types() as e:  # raised by the config file, e.g. configs/remem.py:<unknown dataset>
+        _exit_with_user_error(e)
     except Exception as e:  # config_flags raises several types for a bad file or override
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, (AttributeError, KeyError)):

@@ -59,6 +59,9 @@ def default_warmup_steps(total_steps: int) -> int:
 
 # ----------------------------------------------------------------------------- optimizer
 
+OPTIMIZERS = ("sgd", "adam")  # what `make_optimizer(optimizer=...)` accepts
+
+
 def kernel_mask(params: Any) -> Any:
     """The default weight-decay mask: True for leaves with ndim > 1 (kernels, embeddings).
 
@@ -97,8 +100,8 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
     if grad_clip_norm is not None and not grad_clip_norm > 0:
         raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm!r}.")
     parts = []

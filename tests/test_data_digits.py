@@ -2,12 +2,13 @@
 import numpy as np
 
 from remem_jax.data import digits, pipeline
+from tests import helpers
 
 
 def test_sizes_labels_and_pixels():
     splits = digits.load_digits_arrays(32, 0.25, 0)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
-    assert len(ytr) + len(yte) == 1797 and len(yte) == 450
+    assert len(ytr) + len(yte) == 1797 and len(yte) == 450 and xte.shape == (450, 32, 32, 3)
     assert xtr.shape == (1347, 32, 32, 3) and xtr.dtype == np.uint8
     assert set(np.unique(ytr)) == set(range(10)) == set(np.unique(yte))
     assert xtr.max() == 255 and xtr.min() == 0 and 20 < xtr.mean() < 120 and xtr.std() > 50
@@ -20,7 +21,7 @@ def test_sizes_labels_and_pixels():
 
 
 def test_through_pipeline():
-    cfg = {"image_size": 24, "digits_source_size": 16}
+    cfg = helpers.data_config(image_size=24, digits_source_size=16)
     ev = pipeline.make_eval_data(cfg, "digits", global_batch_size=64)
     assert (ev.num_examples, ev.num_batches, ev.metric) == (450, 8, "top1")
     b = next(iter(ev))

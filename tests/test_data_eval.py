@@ -7,11 +7,12 @@ import numpy as np
 
 from remem_jax import metrics
 from remem_jax.data import digits, pipeline
+from tests import helpers
 
 
 def test_exact_eval_matches_numpy():
     size = 16
-    cfg = {"image_size": size, "digits_source_size": size}  # Resize is the identity here.
+    cfg = helpers.data_config(image_size=size, digits_source_size=size)  # Resize is the identity here.
     ev = pipeline.make_eval_data(cfg, "digits", global_batch_size=64)
     assert ev.num_examples == 450 and ev.num_batches == 8
     w = np.random.default_rng(0).normal(size=(size * size * 3, 10)).astype(np.float32) / 30

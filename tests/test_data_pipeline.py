@@ -9,9 +9,14 @@ import tensorflow_datasets as tfds
 
 from remem_jax.data import augment, pipeline, sources
 from remem_jax.data import DataNotFoundError, UnknownDatasetError
+from tests import helpers
 
 S = 32  # Test image size.
-CFG = {"image_size": S, "shuffle_buffer": 64}
+CFG = helpers.data_config(image_size=S, shuffle_buffer=64)
+
+
+def cfg_with(**changes):
+    return helpers.data_config(image_size=S, shuffle_buffer=64, **changes)
 
 
 def _check_train_batch(batch, num_classes, global_batch):
@@ -60,6 +65,22 @@ def test_tfds_mock_resume_is_exact():
                 np.testing.assert_array_equal(got[k], want[k])
         other = next(pipeline.make_train_iterator(CFG, "cifar100", global_batch_size=8, seed=2))
         assert not np.array_equal(other["image"], ref[0]["image"])
+
+
+def test_resume_with_mixup_is_exact():
+    """Mixup is keyed on the global step: restarted at step N, the pipeline mixes (lambda and
+    partner alike) exactly as the uninterrupted one does at step N."""
+    cfg = helpers.data_config(image_size=16, shuffle_buffer=64)
+    kw = dict(global_batch_size=16, seed=4, mixup_alpha=0.8)
+    full = pipeline.make_train_iterator(cfg, "digits", **kw)
+    ref = [next(full) for _ in range(5)]
+    resumed = pipeline.make_train_iterator(cfg, "digits", start_step=3, **kw)
+    for want in ref[3:]:
+        got = next(resumed)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert (want["soft_label"].max(-1) < 1.0).any(), "the batches must be mixed"
 
 
 def test_mixup_consistency():
@@ -120,7 +141,7 @@ def test_image_folder(tmp_path):
     root = str(tmp_path)
     _write_folder(root, "train", [7, 5, 6], rng)
     _write_folder(root, "test", [3, 2, 4], rng)
-    cfg = dict(CFG, image_folder=root)
+    cfg = cfg_with(image_folder=root)
     assert pipeline.get_num_classes(cfg, "image_folder") == 3
     batch = next(pipeline.make_train_iterator(cfg, "image_folder", global_batch_size=16, seed=0))
     _check_train_batch(batch, 3, 16)
@@ -130,13 +151,36 @@ def test_image_folder(tmp_path):
     np.testing.assert_array_equal(np.sort(labels), [0, 0, 0, 1, 1, 2, 2, 2, 2])
 
 
-def test_per_host_slices_are_disjoint():
-    cfg = dict(CFG)
+def test_hosts_split_every_global_batch():
+    """A record table is shared: host p of 3 gets part p of each batch one host would get.
+
+    This process stands in for each host in turn; its local batch is 8 (global_batch_size //
+    jax.process_count()), so the three hosts together make the one-host batch of 24.
+    """
+    cfg = CFG
     parts = [sources.build_source(cfg, "digits", "train", process_index=p, process_count=3)
              for p in range(3)]
-    assert parts[0].host_counts == tuple(p.num_examples for p in parts)
-    data = np.concatenate([p.records[0] for p in parts])
-    assert len(set(data.tolist())) == len(data) == 1347  # Disjoint and complete.
+    assert all(p.shared and p.host_counts == (1347,) for p in parts)
+    one_host = pipeline.TrainData(cfg, "digits", global_batch_size=24, seed=4).iterator()
+    hosts = [pipeline.TrainData(cfg, "digits", global_batch_size=8, seed=4, process_index=p,
+                                process_count=3).iterator(start_step=1) for p in range(3)]
+    next(one_host)
+    for _ in range(2):
+        want = next(one_host)
+        got = [next(h) for h in hosts]
+        for k in want:
+            np.testing.assert_array_equal(
+                np.concatenate([g[k].reshape(8, *g[k].shape[2:]) for g in got]),
+                want[k].reshape(24, *want[k].shape[2:]))
+    one = pipeline.make_eval_data(cfg, "digits", global_batch_size=24)
+    evs = [pipeline.EvalData(cfg, "digits", global_batch_size=8, process_index=p, process_count=3)
+           for p in range(3)]
+    assert [e.num_batches for e in evs] == [one.num_batches] * 3 == [19] * 3
+    assert sum(e.num_examples for e in evs) == one.num_examples == 450
+    for want, *got in zip(one, *evs):
+        for k in want:
+            np.testing.assert_array_equal(np.concatenate([g[k].reshape(8, *g[k].shape[2:]) for g in got]),
+                                          want[k].reshape(24, *want[k].shape[2:]))
 
 
 def test_holdout_split_strings():
@@ -156,18 +200,18 @@ def test_errors(tmp_path):
         pipeline.make_eval_data(CFG, "image_folder", global_batch_size=8)
     missing = str(tmp_path / "nope")
     with pytest.raises(DataNotFoundError, match="nope"):
-        pipeline.make_eval_data(dict(CFG, image_folder=missing), "image_folder",
+        pipeline.make_eval_data(cfg_with(image_folder=missing), "image_folder",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="tfds build cifar100"):
-        pipeline.make_eval_data(dict(CFG, data_dir=str(tmp_path)), "cifar100",
+        pipeline.make_eval_data(cfg_with(data_dir=str(tmp_path)), "cifar100",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="MANUAL download"):
-        pipeline.make_eval_data(dict(CFG, data_dir=str(tmp_path)), "resisc45",
+        pipeline.make_eval_data(cfg_with(data_dir=str(tmp_path)), "resisc45",
                                 global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="imagenet_lt_train_list"):
         pipeline.make_eval_data(CFG, "imagenet_lt", global_batch_size=8)
     with pytest.raises(DataNotFoundError, match="missing.txt"):
-        pipeline.make_eval_data(dict(CFG, imagenet_lt_train_list=str(tmp_path / "missing.txt")),
+        pipeline.make_eval_data(cfg_with(imagenet_lt_train_list=str(tmp_path / "missing.txt")),
                                 "imagenet_lt", global_batch_size=8)
     with pytest.raises(ValueError, match="multiple of jax.device_count"):
         pipeline.make_train_iterator(CFG, "digits", global_batch_size=12, seed=0)
@@ -185,7 +229,7 @@ def test_imagenet_lt_from_list_and_image_root(tmp_path):
             lines.append(f"train/{wnid}/{wnid}_{i}.JPEG {label}")
     (tmp_path / "lt_train.txt").write_text("\n".join(lines[:4] + lines[5:]) + "\n")
     (tmp_path / "lt_val.txt").write_text(lines[4] + "\n")
-    cfg = dict(CFG, imagenet_lt_train_list=str(tmp_path / "lt_train.txt"),
+    cfg = cfg_with(imagenet_lt_train_list=str(tmp_path / "lt_train.txt"),
                imagenet_lt_eval_list=str(tmp_path / "lt_val.txt"),
                imagenet_lt_image_root=str(tmp_path))
     assert pipeline.num_train_examples(cfg, "imagenet_lt") == 6
@@ -204,7 +248,7 @@ def test_imagenet_lt_tfds_filter_path(tmp_path):
         (tmp_path / "train.txt").write_text("".join(f"val/n0/{n} {i % 3}\n"
                                                     for i, n in enumerate(names[:7])))
         (tmp_path / "val.txt").write_text("".join(f"val/n0/{n} 5\n" for n in names[7:10]))
-        cfg = dict(CFG, imagenet_lt_train_list=str(tmp_path / "train.txt"),
+        cfg = cfg_with(imagenet_lt_train_list=str(tmp_path / "train.txt"),
                    imagenet_lt_eval_list=str(tmp_path / "val.txt"))
         ev = pipeline.make_eval_data(cfg, "imagenet_lt", global_batch_size=8)
         batches = list(ev)

@@ -1,8 +1,7 @@
-"""Registry and config-default tests."""
+"""Registry tests (the config.data defaults are tested in test_configs.py)."""
 import pytest
 import tensorflow_datasets as tfds
 
-from remem_jax.data import config as config_lib
 from remem_jax.data import registry
 
 TABLE5 = {  # name: (num_classes, metric) from ReMem Table 5.
@@ -53,11 +52,20 @@ def test_unknown_name_lists_known():
     assert isinstance(err.value, KeyError)
 
 
-def test_config_defaults():
-    cfg = config_lib.get_default_config()
-    assert cfg.image_size == 224 and cfg.few_shot_seed == 12 and cfg.crop_area_min == 0.05
-    assert config_lib.field({"image_size": 32}, "image_size") == 32
-    assert config_lib.field({}, "shuffle_buffer") == 10_000
-    assert config_lib.field(cfg, "validation_percent") == 0
-    with pytest.raises(KeyError, match="image_sise"):
-        config_lib.field(cfg, "image_sise")
+def test_paper_results_live_with_their_entry():
+    with_results = {n for n, spec in registry.REGISTRY.items() if spec.paper_results is not None}
+    assert with_results == {"caltech101", "cifar100", "i_naturalist2017", "imagenet_lt", "patch_camelyon",
+                            "sun397_tfds"}
+    for name in with_results:
+        text = registry.get_spec(name).paper_results
+        assert text.startswith("Table 8 (DIST): vanilla ") and "; Table 9 (LoRA): " in text, name
+    assert registry.get_spec("cifar100").paper_results == (
+        "Table 8 (DIST): vanilla 80.7 | 93.4, ReMem 82.9 | 89.3; Table 9 (LoRA): 82.0 | 93.1, LoRA+ReMem 83.4 | 91.6")
+
+
+def test_readme_lists_the_paper_results_of_the_registry():
+    import os
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    for name, spec in registry.REGISTRY.items():
+        if spec.paper_results:
+            assert f"- `{name}`: {spec.paper_results}." in readme, name

@@ -52,12 +52,38 @@ def test_exact_under_pmap_with_padding():
     assert abs(got["top1"] - got["mean_per_class"]) > 1e-3
 
 
-def test_jit_matches_eager():
+def test_jit_and_eager_match_numpy_counts():
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(10, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, 10).astype(np.int32)
-    mask = np.ones(10, np.float32)
-    eager = metrics.eval_counts(logits, labels, mask, 3)
-    jitted = jax.jit(metrics.eval_counts, static_argnums=3)(logits, labels, mask, 3)
-    for k in eager:
-        np.testing.assert_allclose(eager[k], jitted[k], rtol=1e-6)
+    n, c = 12, 4
+    # Class 3 occurs only on padding, so it is absent from the real examples.
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3], np.int32)
+    mask = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0], np.float32)
+    # Real examples right per class: 3 of 4, 1 of 3, 2 of 2 (top-1 6/9, mean per class 0.69);
+    # the padding is right on classes 0 and 3, which must count for nothing.
+    predicted = np.array([0, 0, 0, 2, 0, 1, 0, 2, 2, 2, 3, 3])
+    logits = rng.normal(size=(n, c)).astype(np.float32) + 5.0 * np.eye(c, dtype=np.float32)[predicted]
+    eager = metrics.eval_counts(logits, labels, mask, c)
+    jitted = jax.jit(metrics.eval_counts, static_argnums=3)(logits, labels, mask, c)
+
+    # Independent reference: plain counting over the real (mask 1) examples.
+    real = mask == 1
+    hit = logits.argmax(-1) == labels
+    correct_per_class = np.array([np.sum(hit & real & (labels == k)) for k in range(c)], np.float64)
+    count_per_class = np.array([np.sum(real & (labels == k)) for k in range(c)], np.float64)
+    z = logits.astype(np.float64)
+    nll = np.log(np.exp(z).sum(-1)) - z[np.arange(n), labels]
+    present = [k for k in range(c) if count_per_class[k] > 0]
+    want_top1 = sum(hit[i] for i in range(n) if real[i]) / real.sum()
+    want_mean_per_class = np.mean([correct_per_class[k] / count_per_class[k] for k in present])
+    assert (hit == (predicted == labels)).all() and present == [0, 1, 2]
+    assert abs(want_top1 - want_mean_per_class) > 1e-2
+
+    for counts in (eager, jitted):
+        np.testing.assert_array_equal(counts["correct_per_class"], correct_per_class)
+        np.testing.assert_array_equal(counts["count_per_class"], count_per_class)
+        np.testing.assert_allclose(counts["loss_sum"], nll[real].sum(), rtol=1e-5)
+        assert float(counts["num_examples"]) == real.sum()
+        got = metrics.finalize_counts(metrics.merge_counts(None, counts))
+        np.testing.assert_allclose(got["top1"], want_top1, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got["mean_per_class"], want_mean_per_class, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got["loss"], nll[real].mean(), rtol=1e-5)

@@ -67,18 +67,21 @@ def np_sgdw(params, grads_seq, *, lr_fn, momentum, wd, clip, nesterov=False):
     return history
 
 
+# momentum 0.5 as well as the default 0.9, over four updates: the trace of every earlier gradient
+# enters with weight momentum^age, so a hard-coded 0.9 (or a trace that ignores momentum) fails.
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_optimizer_matches_reference_over_three_steps(nesterov):
+def test_optimizer_matches_reference_over_several_steps(nesterov, momentum):
     rng = np.random.RandomState(0)
     params = {"kernel": rng.randn(4, 3).astype(np.float32), "bias": rng.randn(3).astype(np.float32)}
-    # Gradient norms ~3.5, ~0.35, ~7: the clip (1.0) is active on steps 1 and 3 only.
-    scales = [1.0, 0.1, 2.0]
+    # Gradient norms ~3.5, ~0.35, ~7, ~0.7: the clip (1.0) is active on steps 1 and 3 only.
+    scales = [1.0, 0.1, 2.0, 0.2]
     grads_seq = [{k: (s * rng.randn(*v.shape)).astype(np.float32) for k, v in params.items()} for s in scales]
     schedule = optim.warmup_cosine_schedule(0.5, 10, 2)
-    tx = optim.make_optimizer(learning_rate=schedule, momentum=0.9, weight_decay=0.1, grad_clip_norm=1.0,
+    tx = optim.make_optimizer(learning_rate=schedule, momentum=momentum, weight_decay=0.1, grad_clip_norm=1.0,
                               nesterov=nesterov)
     expected = np_sgdw(params, grads_seq, lr_fn=lambda c: np_warmup_cosine(c, 0.5, 10, 2, 0.0),
-                       momentum=0.9, wd=0.1, clip=1.0, nesterov=nesterov)
+                       momentum=momentum, wd=0.1, clip=1.0, nesterov=nesterov)
     state = tx.init(params)
     p = jax.tree.map(jnp.asarray, params)
     for c, grads in enumerate(grads_seq):

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from remem_jax import losses, optim
+from remem_jax import devices as device_lib, losses, optim
 from remem_jax.train import state as state_lib
 from remem_jax.train import step as step_lib
 
@@ -135,7 +135,7 @@ def run(params, xs, ys, *, ndev, batch_stats=None, loss=loss_fn, **step_kwargs):
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(7), batch_stats=batch_stats)
     devices = jax.devices()[:ndev]
     step = jax.pmap(step_lib.make_train_step(loss, tx, **step_kwargs), axis_name="batch", devices=devices)
-    replicated = step_lib.replicate(state, devices=devices)
+    replicated = device_lib.replicate(state, devices=devices)
     states, metrics = [], []
     for x, y in zip(xs, ys):
         replicated, m = step(replicated, {"x": shard(x, ndev), "y": shard(y, ndev)})
@@ -177,7 +177,7 @@ def test_pmap_one_device_compiles_once_and_advances_rng():
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(0))
     step = step_lib.make_train_step(loss_fn, tx, sam_rho=0.5)
     step = jax.pmap(chex.assert_max_traces(step, n=1), axis_name="batch", devices=jax.devices()[:1])
-    replicated = step_lib.replicate(state, devices=jax.devices()[:1])
+    replicated = device_lib.replicate(state, devices=jax.devices()[:1])
     expected_rng = np.asarray(state.rng)
     ref = NpSGDW(params, np_lr)
     for x, y in zip(xs, ys):
@@ -296,7 +296,7 @@ def test_pmap_train_step_eight_devices_compiles_once():
     state = state_lib.create_train_state(params, tx, rng=jax.random.PRNGKey(7))
     step = step_lib.pmap_train_step(chex.assert_max_traces(
         step_lib.make_train_step(loss_fn, tx, sam_rho=0.5, sync_perturbations=True), n=1))
-    replicated = step_lib.replicate(state)
+    replicated = device_lib.replicate(state)
     for x, y in zip(xs, ys):
         replicated, metrics = step(replicated, {"x": shard(x, NDEV), "y": shard(y, NDEV)})
     # Metrics are global: identical on every device.
@@ -316,6 +316,34 @@ def test_gradient_accumulation_equals_one_pass():
         np.testing.assert_allclose(ma["accuracy"], mb["accuracy"], rtol=1e-6)
     with pytest.raises(ValueError, match="accum_steps=3"):
         run(params, xs[:1], ys[:1], ndev=2, sam_rho=0.5, accum_steps=3)
+
+
+def test_gradient_accumulation_gives_each_micro_batch_its_own_dropout_key():
+    # Device d's key is fold_in(step_key, d) and its micro-batch j (of 4) draws its dropout from
+    # fold_in(device_key, j) (optim.accumulate_gradients), in both SAM passes. One key shared by
+    # the micro-batches would repeat one mask on all four.
+    params, xs, ys = make_data(seed=10, steps=2)
+    ndev, accum = 2, 4
+    states, metrics = run(params, xs, ys, ndev=ndev, sam_rho=0.5, accum_steps=accum,
+                          loss=functools.partial(loss_fn, dropout=True))
+    ref = NpSGDW(params, np_lr)
+    key = jax.random.PRNGKey(7)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        key, step_key = jax.random.split(key)
+        x_shards = []
+        for d, x_dev in enumerate(np.split(x, ndev)):
+            device_key = jax.random.fold_in(step_key, d)
+            x_shards.append(np.concatenate([
+                m * np.asarray(jax.random.bernoulli(jax.random.fold_in(device_key, j), 0.75, m.shape), np.float32)
+                for j, m in enumerate(np.split(x_dev, accum))]))
+        y_shards = np.split(y, ndev)
+        p = {k: v.copy() for k, v in ref.params.items()}
+        # Equal micro-batches: the mean of their mean losses (and gradients) is that of the masked
+        # device batch, so the per-device-ascent SAM reference applies to it unchanged.
+        loss = np.mean([np_loss_and_grads(p, xd, yd)[0] for xd, yd in zip(x_shards, y_shards)])
+        expected = ref.apply(np_device_grads(p, x_shards, y_shards, 0.5, sync=False))
+        chex.assert_trees_all_close(states[i].params, expected, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(metrics[i]["loss"], loss, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------- NaN and contract

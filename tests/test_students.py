@@ -163,28 +163,117 @@ def test_stochastic_depth_drops_whole_samples():
     chex.assert_trees_all_equal(Residual().apply({}, x, y, False), x + y)
 
 
-def test_batchnorm_under_pmap_matches_full_batch(resnet18_variables):
+# ----------------------------------------------------------------------------- BatchNorm
+
+# Every student, shrunk: the registered architecture (so every BatchNorm of it), fewer channels
+# where the model has a width knob, and no dropout or stochastic depth, so that one device and
+# eight compute the same function.
+BN_TEST_KWARGS = {
+    "resnet18": dict(width=16),
+    "resnet34": dict(width=16),
+    "resnet50": dict(width=16),
+    "mobilenet_v2": dict(width_multiplier=0.25, dropout_rate=0.0),
+    "efficientnet_v2_b0": dict(dropout_rate=0.0, stochastic_depth_rate=0.0),
+    "efficientnet_v2_s": dict(dropout_rate=0.0, stochastic_depth_rate=0.0),
+}
+BN_SIZE, BN_PER_DEVICE = 32, 4
+
+
+def _train_forward_recording_bn_inputs(model: nn.Module):
+    """`(variables, images) -> (logits, new batch_stats, {BatchNorm path: its input})`, train mode."""
+    def forward(variables, images):
+        inputs = {}
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+                inputs["/".join(context.module.path)] = args[0]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            logits, state = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return logits, state["batch_stats"], inputs
+    return forward
+
+
+def _bn_layers(batch_stats) -> dict:
+    """{'a/b/bn': {'mean': ..., 'var': ...}} of a (possibly device-stacked) batch_stats tree."""
+    flat = {"/".join(k.key for k in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(batch_stats)}
+    layers = {}
+    for key, leaf in flat.items():
+        layer, stat = key.rsplit("/", 1)
+        layers.setdefault(layer, {})[stat] = leaf
+    return layers
+
+
+def _np_running_stats(x: np.ndarray) -> dict:
+    """Flax BatchNorm (momentum 0.9) after one train step from mean 0, var 1, in float64:
+    `0.9 * old + 0.1 * batch value`, with the biased variance over all axes but the channels."""
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    return {"mean": 0.9 * 0.0 + 0.1 * x.mean(0), "var": 0.9 * 1.0 + 0.1 * x.var(0)}
+
+
+@pytest.fixture(scope="module", params=sorted(STUDENTS))
+def bn_forwards(request):
+    """One student's train-mode forward on a 32-image batch: once on one device under jit, once
+    pmapped over 8 devices with `bn_axis_name='batch'` (4 images each), both from the fresh
+    statistics (mean 0, var 1) and recording every BatchNorm's input."""
+    name = request.param
     n_dev = jax.local_device_count()
     assert n_dev == 8
-    images = jax.random.uniform(jax.random.key(1), (2 * n_dev, 32, 32, 3), minval=-1.0, maxval=1.0)
-    single = create_student("resnet18", 10)
-    apply = functools.partial(nn.Module.apply, train=True, mutable=["batch_stats"])
-    logits, state = _compile(jax.jit, functools.partial(apply, single), resnet18_variables, images)(
-        resnet18_variables, images)
+    kwargs = BN_TEST_KWARGS.get(name, {})
+    single = create_student(name, 10, **kwargs)
+    variables = _synthetic_variables(single, BN_SIZE)
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (n_dev * BN_PER_DEVICE, BN_SIZE, BN_SIZE, 3),
+                                           minval=-1.0, maxval=1.0))
+    full = _compile(jax.jit, _train_forward_recording_bn_inputs(single), variables, images)(variables, images)
 
-    sharded = create_student("resnet18", 10, bn_axis_name="batch")
-    replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (n_dev,) + x.shape), resnet18_variables)
-    per_device = images.reshape(n_dev, 2, 32, 32, 3)
-    pmapped = _compile(functools.partial(jax.pmap, axis_name="batch"),
-                       functools.partial(apply, sharded), replicated, per_device)
-    p_logits, p_state = pmapped(replicated, per_device)
+    sharded = create_student(name, 10, bn_axis_name="batch", **kwargs)
+    # NumPy leaves go to the devices in one transfer each (jnp leaves would be re-laid out slowly).
+    replicated = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_dev,) + x.shape), variables)
+    per_device = images.reshape((n_dev, BN_PER_DEVICE) + images.shape[1:])
+    pmapped = _compile(functools.partial(jax.pmap, axis_name="batch"), _train_forward_recording_bn_inputs(sharded),
+                       replicated, per_device)(replicated, per_device)
+    return {"name": name, "variables": variables, "full": full, "pmapped": pmapped}
 
-    # Every device holds the full-batch statistics (each device's own 2 images would give
+
+def test_batchnorm_under_pmap_matches_full_batch(bn_forwards):
+    logits, stats, _ = bn_forwards["full"]
+    p_logits, p_stats, p_inputs = bn_forwards["pmapped"]
+    n_dev = jax.local_device_count()
+    # Every device holds the full-batch statistics (each device's own 4 images would give
     # different ones); only the float32 reduction order differs.
-    for device in range(n_dev):
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[device], p_state["batch_stats"]),
-                                    state["batch_stats"], atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(p_logits.reshape(2 * n_dev, 10), logits, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(p_stats, jax.tree.map(lambda x: np.broadcast_to(x, (n_dev,) + x.shape), stats),
+                                atol=1e-5, rtol=5e-5)
+    # Train-mode BatchNorm divides by the batch standard deviation of each of 20 to 110 layers,
+    # some of which see one pixel per image: the float32 rounding grows to ~5e-4 on logits of ~5.
+    chex.assert_trees_all_close(p_logits.reshape(logits.shape), logits, atol=2e-3, rtol=1e-4)
+    # Layer by layer, free of that amplification: each BatchNorm's new statistics are those of
+    # its own input gathered over all eight devices (NumPy float64).
+    layers = _bn_layers(p_stats)
+    assert set(p_inputs) == set(layers), "every BatchNorm runs once per forward"
+    for path, x in p_inputs.items():
+        want = _np_running_stats(np.asarray(x))  # [8, 4, H, W, C]: the whole batch
+        for stat in ("mean", "var"):
+            got = layers[path][stat]  # [8, C]: one copy per device
+            np.testing.assert_allclose(got, np.broadcast_to(want[stat], got.shape), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{bn_forwards['name']} {path} {stat}")
+
+
+def test_batchnorm_running_average_keeps_0_9_of_the_old_value(bn_forwards):
+    # From the fresh statistics (mean 0, var 1), one train step gives 0.9 * old + 0.1 * batch
+    # (flax's momentum convention; torch's momentum=0.1 means the same update), for every layer.
+    _, stats, inputs = bn_forwards["full"]
+    initial = _bn_layers(bn_forwards["variables"]["batch_stats"])
+    layers = _bn_layers(stats)
+    assert set(inputs) == set(layers) == set(initial)
+    for path, x in inputs.items():
+        np.testing.assert_array_equal(initial[path]["mean"], 0.0)
+        np.testing.assert_array_equal(initial[path]["var"], 1.0)
+        want = _np_running_stats(np.asarray(x))
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(layers[path][stat], want[stat], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{bn_forwards['name']} {path} {stat}")
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(resnet18_variables):

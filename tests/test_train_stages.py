@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from remem_jax import checkpoints, errors, surgery
+from remem_jax import checkpoints, errors
 from remem_jax.models import vit
 from remem_jax.train import common, state as state_lib, teacher
 

@@ -1,6 +1,4 @@
 """Data: dataset registry, tf.data pipelines and the offline digits dataset."""
-from remem_jax.data.config import FIELDS as CONFIG_FIELDS
-from remem_jax.data.config import get_default_config
 from remem_jax.data.pipeline import (EvalData, TrainData, get_metric, get_num_classes,
                                      make_eval_data, make_train_iterator, num_train_examples)
 from remem_jax.data.registry import (REGISTRY, DatasetSpec, UnknownDatasetError, get_spec,
@@ -8,7 +6,7 @@ from remem_jax.data.registry import (REGISTRY, DatasetSpec, UnknownDatasetError,
 from remem_jax.data.sources import DataNotFoundError
 
 __all__ = [
-    "CONFIG_FIELDS", "DataNotFoundError", "DatasetSpec", "EvalData", "REGISTRY", "TrainData",
-    "UnknownDatasetError", "get_default_config", "get_metric", "get_num_classes", "get_spec",
+    "DataNotFoundError", "DatasetSpec", "EvalData", "REGISTRY", "TrainData",
+    "UnknownDatasetError", "get_metric", "get_num_classes", "get_spec",
     "known_datasets", "make_eval_data", "make_train_iterator", "num_train_examples",
 ]

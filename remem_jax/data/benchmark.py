@@ -3,9 +3,11 @@
 Builds a temporary image folder of realistic JPEGs (500x375, noise plus gradients, quality 90,
 ~100 KB each, like ImageNet photos) and times the train pipeline (read + decode-and-crop +
 resize + flip + normalise + batch), then the offline digits source. Prints images/s.
+Every other `config.data` field takes its default from configs/common.py (the one table of them).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import time
@@ -47,14 +49,27 @@ def time_iterator(it, num_batches: int, batch_size: int) -> float:
     return num_batches * batch_size / (time.perf_counter() - start)
 
 
+def default_data_config():
+    """`config.data` of configs/common.py (next to the remem_jax package in a source checkout)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                        "configs", "common.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run the benchmark from a source checkout of remem_jax.")
+    spec = importlib.util.spec_from_file_location("remem_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().data
+
+
 def main(argv):
     del argv
     from remem_jax.data import pipeline
 
-    cfg = {"image_size": FLAGS.image_size}
+    cfg = default_data_config()
+    cfg.image_size = FLAGS.image_size
     with tempfile.TemporaryDirectory() as root:
         write_jpeg_folder(root, FLAGS.num_images, FLAGS.num_classes)
-        cfg["image_folder"] = root
+        cfg.image_folder = root
         data = pipeline.TrainData(cfg, "image_folder", global_batch_size=FLAGS.batch_size,
                                   seed=0, mixup_alpha=FLAGS.mixup_alpha)
         rate = time_iterator(data.iterator(), FLAGS.num_batches, FLAGS.batch_size)

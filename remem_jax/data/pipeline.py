@@ -1,10 +1,16 @@
 """tf.data input pipelines: a dataset name -> sharded NumPy batches for pmapped steps.
 
-Train batches are an infinite, deterministic stream: epoch e is a permutation of this host's
-examples keyed on (seed, e) (full permutation for record sources, a seeded shuffle buffer for
-streamed TFDS splits), every per-example random op is keyed on (seed, position in the stream)
-and mixup on (seed, step). Resuming with `start_step=N` skips N * local_batch positions of the
-(still encoded) stream, so it yields bit-identical batches to an uninterrupted run.
+Train batches are an infinite, deterministic stream: epoch e is a permutation of the examples
+keyed on (seed, e) (full permutation for record sources, a seeded shuffle buffer for streamed
+TFDS splits), every per-example random op is keyed on (seed, position in the stream) and mixup
+on (seed, step). Resuming with `start_step=N` skips N batches of the (still encoded) stream, so
+it yields bit-identical batches to an uninterrupted run.
+
+Hosts: a shared record table (`Source.shared`) is permuted identically on every host and host p
+takes positions [p * local_batch, (p + 1) * local_batch) of every global batch, in eval too, so
+every device sees the same examples whatever the number of hosts (one host with 8 devices or 2
+hosts with 4 each). A stream, or a per-host record slice, is this host's own stream. Mixup pairs
+an example with its neighbour in the host's batch, so with mixup the hosts' first examples differ.
 
 Eval data pads the last batch with masked zeros, so that every real example is seen exactly
 once, and pads every host to the same number of batches.
@@ -21,7 +27,6 @@ import numpy as np
 
 from remem_jax.data import augment
 from remem_jax.data import sources as sources_lib
-from remem_jax.data.config import field
 from remem_jax.data.registry import get_spec
 
 _MAX_EPOCHS = 2**62
@@ -44,6 +49,12 @@ def _seed_pair(tf, seed: int, tag: int, counter):
     return tf.stack([tf.constant(seed * 4 + tag, tf.int64), tf.cast(counter, tf.int64)])
 
 
+def _parallel_calls(tf, data_config) -> int:
+    """`config.data.num_parallel_calls`; None lets tf.data choose (AUTOTUNE)."""
+    n = data_config.num_parallel_calls
+    return tf.data.AUTOTUNE if n is None else int(n)
+
+
 def _options(tf, data_config):
     options = tf.data.Options()
     options.deterministic = True
@@ -63,6 +74,17 @@ def _host_layout(global_batch_size: int) -> tuple[int, int, int]:
     return local, ld, local // ld
 
 
+def _host_slice(source: sources_lib.Source, process_index: Optional[int],
+                process_count: Optional[int]) -> tuple[int, int]:
+    """(this host, hosts) that split every batch of `source`: (0, 1) unless its table is shared."""
+    if not source.shared:
+        return 0, 1
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
 def _fetch_fn(tf, source: sources_lib.Source):
     """Returns index -> (encoded bytes, label) for a record source."""
     data, labels = source.records
@@ -78,6 +100,22 @@ def _fetch_fn(tf, source: sources_lib.Source):
     return fetch
 
 
+def _naming_bad_images(source: sources_lib.Source, batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, with a decode failure of a file-based source turned into an error naming the files."""
+    tf = _tf()
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            named = sources_lib.undecodable_images_error(source, e)
+            if named is None:
+                raise
+            raise named from e
+        yield batch
+
+
 def get_num_classes(data_config, dataset: str) -> int:
     """Number of classes of `dataset` (reads the folder list for 'image_folder')."""
     spec = get_spec(dataset)
@@ -90,7 +128,7 @@ def get_metric(data_config, dataset: str) -> str:
     """The headline metric of `dataset`: 'top1' or 'mean_per_class'."""
     spec = get_spec(dataset)
     if spec.kind == "image_folder":
-        metric = field(data_config, "image_folder_metric")
+        metric = data_config.image_folder_metric
         if metric not in ("top1", "mean_per_class"):
             raise ValueError(f"config.data.image_folder_metric must be 'top1' or "
                              f"'mean_per_class', got {metric!r}.")
@@ -112,7 +150,8 @@ class TrainData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int, seed: int,
-                 mixup_alpha: float = 0.0, source: Optional[sources_lib.Source] = None):
+                 mixup_alpha: float = 0.0, source: Optional[sources_lib.Source] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
         self._tf = _tf()
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}.")
@@ -122,6 +161,7 @@ class TrainData:
         self.mixup_alpha = float(mixup_alpha)
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
         self.source = source or sources_lib.build_source(data_config, dataset, "train")
+        self._host = _host_slice(self.source, process_index, process_count)
         self.num_examples = self.source.total_examples
         self.num_classes = self.source.num_classes
 
@@ -131,7 +171,9 @@ class TrainData:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}.")
         n = source.num_examples
-        position = start_step * self.local_batch_size
+        pi, pc = self._host
+        batch = self.local_batch_size * pc  # positions of the stream per step (all hosts' parts)
+        position = start_step * batch
         start_epoch, offset = divmod(position, n)
         epochs = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS)
         if source.records is not None:
@@ -150,7 +192,7 @@ class TrainData:
                 return pos, {"image": image, "label": label}
         else:
             base = source.stream_fn()
-            buffer = int(field(cfg, "shuffle_buffer"))
+            buffer = int(cfg.shuffle_buffer)
 
             def epoch_examples(epoch):
                 op_seed = tf.constant(self.seed * 4 + _TAG_SHUFFLE, tf.int64) * 1_000_003 + epoch
@@ -161,10 +203,14 @@ class TrainData:
 
             def load(pos, ex):
                 return pos, ex
-        ds = ds.enumerate(start=position).map(load)
-        image_size = int(field(cfg, "image_size"))
-        area_min = float(field(cfg, "crop_area_min"))
-        random_flip = bool(field(cfg, "random_flip"))
+        ds = ds.enumerate(start=position)
+        if pc > 1:  # This host's part of every global batch (indices only: cheap to skip).
+            lo, hi = pi * self.local_batch_size, (pi + 1) * self.local_batch_size
+            ds = ds.batch(batch, drop_remainder=True).map(lambda p, i: (p[lo:hi], i[lo:hi])).unbatch()
+        ds = ds.map(load)
+        image_size = int(cfg.image_size)
+        area_min = float(cfg.crop_area_min)
+        random_flip = bool(cfg.random_flip)
         num_classes = self.num_classes
 
         def preprocess(pos, ex):
@@ -172,7 +218,7 @@ class TrainData:
             return {"image": augment.train_preprocess(ex["image"], seed, image_size, area_min, random_flip),
                     "label": ex["label"]}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(field(cfg, "num_parallel_calls")))
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
         ld, pd, alpha = self._ld, self._pd, self.mixup_alpha
 
@@ -187,12 +233,16 @@ class TrainData:
                     "soft_label": tf.reshape(soft, [ld, pd, num_classes])}
 
         ds = ds.enumerate(start=start_step).map(finish)
-        ds = ds.prefetch(int(field(cfg, "prefetch")))
+        ds = ds.prefetch(int(cfg.prefetch))
         return ds.with_options(_options(tf, cfg))
 
     def iterator(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """An infinite iterator of NumPy batches from `start_step` on."""
-        return self.dataset_from(start_step).as_numpy_iterator()
+        """An infinite iterator of NumPy batches from `start_step` on.
+
+        Raises (while iterating):
+          DataError: an image of a file-based source does not decode; names the files.
+        """
+        return _naming_bad_images(self.source, self.dataset_from(start_step).as_numpy_iterator())
 
 
 def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, seed: int,
@@ -201,10 +251,12 @@ def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, se
     """Infinite, deterministic, resumable train batches for pmap.
 
     Args:
-      data_config: the config.data section (ConfigDict or dict; missing fields take defaults).
+      data_config: the complete config.data section (every field of configs/common.py; read as
+        attributes, so a ConfigDict or any object with those attributes).
       dataset: registry name (see `registry.known_datasets()`).
       global_batch_size: batch over all hosts; must be a multiple of jax.device_count(). Each
-        host yields global_batch_size // process_count examples from its own slice.
+        host yields global_batch_size // process_count examples: its part of every global
+        batch (record tables) or of its own slice (streams; see the module docstring).
       seed: data seed (order, crops, flips, mixup).
       start_step: first step to yield; batches equal those of an uninterrupted iterator.
       mixup_alpha: Beta(alpha, alpha) mixup with the batch rolled by one; 0 disables it.
@@ -243,15 +295,22 @@ class EvalData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int,
-                 source: Optional[sources_lib.Source] = None):
+                 source: Optional[sources_lib.Source] = None, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None):
         self._tf = _tf()
         self.config = data_config
         self.dataset = dataset
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
         self.source = source or sources_lib.build_source(data_config, dataset, "eval")
-        self.num_examples = self.source.num_examples
         self.total_examples = self.source.total_examples
-        self.num_batches = max(1, math.ceil(max(self.source.host_counts) / self.local_batch_size))
+        pi, pc = _host_slice(self.source, process_index, process_count)
+        local = self.local_batch_size
+        self.num_batches = max(1, math.ceil(max(self.source.host_counts) / (local * pc)))
+        # This host's real examples: its part of every global batch of the padded pass.
+        positions = np.arange(self.num_batches * local * pc).reshape(self.num_batches, pc, local)
+        positions = positions[:, pi].reshape(-1)
+        self._indices = positions[positions < self.source.num_examples]
+        self.num_examples = len(self._indices)
         self.num_classes = self.source.num_classes
         self.metric = get_metric(data_config, dataset)
 
@@ -261,14 +320,14 @@ class EvalData:
     def as_dataset(self):
         """The tf.data.Dataset of one padded pass."""
         tf, source, cfg = self._tf, self.source, self.config
-        image_size = int(field(cfg, "image_size"))
+        image_size = int(cfg.image_size)
         if source.records is not None:
             fetch = _fetch_fn(tf, source)
 
             def load(i):
                 image, label = fetch(i)
                 return {"image": image, "label": label}
-            ds = tf.data.Dataset.range(source.num_examples).map(load)
+            ds = tf.data.Dataset.from_tensor_slices(self._indices).map(load)
         else:
             ds = source.stream_fn()
 
@@ -276,8 +335,8 @@ class EvalData:
             return {"image": augment.eval_preprocess(ex["image"], image_size),
                     "label": ex["label"], "mask": tf.constant(1.0, tf.float32)}
 
-        ds = ds.map(preprocess, num_parallel_calls=int(field(cfg, "num_parallel_calls")))
-        num_pad = self.num_batches * self.local_batch_size - source.num_examples
+        ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
+        num_pad = self.num_batches * self.local_batch_size - self.num_examples
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([image_size, image_size, 3], tf.float32),
             "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0, tf.float32)})
@@ -288,12 +347,12 @@ class EvalData:
             "image": tf.reshape(b["image"], [ld, pd, image_size, image_size, 3]),
             "label": tf.reshape(b["label"], [ld, pd]),
             "mask": tf.reshape(b["mask"], [ld, pd])})
-        ds = ds.prefetch(int(field(cfg, "prefetch")))
+        ds = ds.prefetch(int(cfg.prefetch))
         return ds.with_options(_options(tf, cfg))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         real, batches = 0, 0
-        for batch in self.as_dataset().as_numpy_iterator():
+        for batch in _naming_bad_images(self.source, self.as_dataset().as_numpy_iterator()):
             real += int(batch["mask"].sum())
             batches += 1
             yield batch

@@ -8,9 +8,22 @@ A `Source` is either
     {'image': encoded bytes, 'label': int32}; the pipeline shuffles it with a buffer.
 Nothing here decodes an image: decoding happens in the pipeline after shuffling.
 
-Host slicing: a record table gives host p the indices [p::process_count]; a TFDS stream gives
-host p `tfds.even_splits(split, process_count)[p]`. `host_counts` holds every host's count so
-that eval can pad all hosts to the same number of batches without communication.
+Host slicing: a record table is small (bytes of a small dataset, or file paths), so every host
+holds all of it (`shared`) and the pipeline gives host p its part of every global batch: the
+batches then depend on the seed and the global batch size only, not on the number of hosts. A TFDS
+stream gives host p `tfds.even_splits(split, process_count)[p]`, and a few-shot subset of a TFDS
+split (whose bytes may be large) the indices [p::process_count]. `host_counts` holds every host's
+count so that eval can pad all hosts to the same number of batches without communication.
+
+`check_ready` checks, cheaply and before anything else of a run happens, that the configured
+dataset exists on disk (prepared TFDS data, image folders, list files).
+
+Undecodable images of an image folder: listing reads no image (a folder of a million files stays
+cheap to list). A decode failure in the pipeline is caught where it happens and the failing files
+are found with one parallel decode pass over the split (`find_undecodable`), so the error names
+every bad file at once and a clean folder pays nothing. With `config.data.skip_bad_images` that
+pass runs up front instead (once per split and process) and the bad files are dropped from the
+record table, so shuffling, resume and the exact eval counts stay consistent.
 """
 from __future__ import annotations
 
@@ -21,10 +34,11 @@ import types
 from typing import Any, Callable, Optional
 
 import numpy as np
+from absl import logging
 
+from remem_jax import errors, files
 from remem_jax.data import digits as digits_lib
 from remem_jax.data import fewshot
-from remem_jax.data.config import field
 from remem_jax.data.registry import DatasetSpec, get_spec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -32,6 +46,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 class DataNotFoundError(FileNotFoundError):
     """Data, manual files, folders or list files that the configured dataset needs are missing."""
+
+
+class DataError(errors.UserError, ValueError):
+    """Data on disk that cannot be used as it is (class folders that do not match, bad images)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +60,14 @@ class Source:
       name: dataset name.
       num_classes: number of classes.
       metric: 'top1' or 'mean_per_class'.
-      host_counts: number of examples on each host, indexed by process index.
-      process_index: this host.
+      host_counts: number of examples on each host, indexed by process index; one entry, the
+        table's size, when `shared`.
+      process_index: this host (0 when `shared`).
       records: (data [N] object array of bytes or path strings, labels int32 [N]) or None.
       records_are_paths: whether records[0] holds file paths to read.
       stream_fn: zero-argument function returning a tf.data.Dataset, or None.
+      shared: `records` is the whole table, identical on every host; the pipeline slices every
+        global batch between the hosts.
     """
 
     name: str
@@ -57,6 +78,7 @@ class Source:
     records: Optional[tuple[np.ndarray, np.ndarray]] = None
     records_are_paths: bool = False
     stream_fn: Optional[Callable[[], Any]] = None
+    shared: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -73,19 +95,21 @@ class Source:
 # Selection shared by all record sources.
 
 def _few_shot_requested(cfg) -> bool:
-    return field(cfg, "few_shot_fraction") > 0 or field(cfg, "few_shot_per_class") > 0
+    return cfg.few_shot_fraction is not None or cfg.few_shot_per_class is not None
 
 
 def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
-    return fewshot.few_shot_indices(labels, fraction=field(cfg, "few_shot_fraction"),
-                                    per_class=field(cfg, "few_shot_per_class"),
-                                    seed=field(cfg, "few_shot_seed"))
+    # None (off) is fewshot's 0.
+    fraction = 0.0 if cfg.few_shot_fraction is None else cfg.few_shot_fraction
+    per_class = 0 if cfg.few_shot_per_class is None else cfg.few_shot_per_class
+    return fewshot.few_shot_indices(labels, fraction=fraction, per_class=per_class,
+                                    seed=cfg.few_shot_seed)
 
 
 def _select(cfg, role: str, train_labels: np.ndarray,
             eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
     """Returns (which split to read: 'train'|'eval', indices into it) for `role`."""
-    percent = field(cfg, "validation_percent")
+    percent = cfg.validation_percent
     if percent:
         train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
         if role == "eval":
@@ -100,29 +124,36 @@ def _select(cfg, role: str, train_labels: np.ndarray,
     return "train", idx
 
 
-def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths, pi, pc):
-    counts = tuple(len(idx[p::pc]) for p in range(pc))
-    host = idx[pi::pc]
-    return Source(name=spec_name, num_classes=num_classes, metric=metric, host_counts=counts,
-                  process_index=pi, records=(data[host], labels[host].astype(np.int32)),
-                  records_are_paths=are_paths)
+def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths):
+    # The whole table on every host (see the module docstring): the pipeline slices each batch.
+    return Source(name=spec_name, num_classes=num_classes, metric=metric, host_counts=(len(idx),),
+                  process_index=0, records=(data[idx], labels[idx].astype(np.int32)),
+                  records_are_paths=are_paths, shared=True)
 
 
 # --------------------------------------------------------------------------------------------
 # Offline digits.
 
 def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
-    splits = digits_lib.load_digits_encoded(int(field(cfg, "digits_source_size")),
-                                            float(field(cfg, "digits_test_fraction")),
-                                            int(field(cfg, "digits_split_seed")))
+    splits = digits_lib.load_digits_encoded(int(cfg.digits_source_size),
+                                            float(cfg.digits_test_fraction),
+                                            int(cfg.digits_split_seed))
     which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
     data, labels = splits["train" if which == "train" else "test"]
-    return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False,
-                          pi, pc)
+    return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False)
 
 
 # --------------------------------------------------------------------------------------------
 # Image folders.
+
+def _image_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """(image file names, other file names) of one class folder, sorted."""
+    import tensorflow as tf
+
+    names = sorted(tf.io.gfile.listdir(class_dir))
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return images, [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)]
+
 
 def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
                       ) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -131,10 +162,15 @@ def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
     Args:
       split_dir: folder with one sub-folder per class.
       class_names: the class list (from the train folder) to map names to labels; None = the
-        sorted sub-folders of `split_dir`.
+        sorted sub-folders of `split_dir`. A class may be absent from `split_dir`.
 
     Returns:
       (class_names, paths object array [N], labels int32 [N]).
+
+    Raises:
+      DataNotFoundError: `split_dir` is missing or has no class folders, or a class folder
+        holds no image.
+      DataError: `split_dir` has a class folder that `class_names` lacks.
     """
     import tensorflow as tf
 
@@ -150,43 +186,132 @@ def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
         class_names = found
     extra = sorted(set(found) - set(class_names))
     if extra:
-        raise ValueError(f"{split_dir!r} has class folders {extra} that the train folder lacks; "
-                         f"train classes: {class_names}.")
+        train_dir = os.path.join(os.path.dirname(split_dir.rstrip("/")), "train")
+        raise DataError(
+            f"Image folder {split_dir!r} has {len(extra)} class folder(s) that {train_dir!r} lacks: "
+            f"{', '.join(os.path.join(split_dir, e) for e in extra)}; every evaluated class needs "
+            f"training images (train classes: {', '.join(class_names)}).")
     paths, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
         if not tf.io.gfile.isdir(class_dir):
             continue
-        for fname in sorted(tf.io.gfile.listdir(class_dir)):
-            if fname.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(class_dir, fname))
-                labels.append(label)
-    if not paths:
-        raise DataNotFoundError(f"No .jpg/.jpeg/.png images under {split_dir!r}.")
+        images, others = _image_files(class_dir)
+        if not images:
+            held = f"it holds {len(others)} other file(s), e.g. {others[0]!r}" if others else "it is empty"
+            raise DataNotFoundError(
+                f"Image folder class {class_dir!r} has no .jpg/.jpeg/.png images ({held}); add images "
+                "or remove the folder.")
+        paths.extend(os.path.join(class_dir, fname) for fname in images)
+        labels.extend([label] * len(images))
     return class_names, np.array(paths, dtype=object), np.array(labels, dtype=np.int32)
 
 
-def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
-    root = field(cfg, "image_folder")
+# Undecodable files found per list of paths in this process (a scan is one decode pass).
+_UNDECODABLE: dict[tuple[str, ...], list[str]] = {}
+
+
+def find_undecodable(paths) -> list[str]:
+    """The files among `paths` that cannot be read and decoded as images (one parallel pass).
+
+    The result is kept for the process, so every stage and split asks once.
+    """
+    key = tuple(str(p) for p in paths)
+    if key not in _UNDECODABLE:
+        import tensorflow as tf
+        from remem_jax.data import augment
+
+        logging.info("Decoding %d images once to find undecodable ones.", len(key))
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(key) or [""], tf.string)).take(len(key))
+        ds = ds.enumerate().map(
+            lambda i, path: (i, tf.shape(augment.decode_image(tf.io.read_file(path)))[0]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+        ok = np.zeros(len(key), bool)
+        for i, _ in ds.as_numpy_iterator():
+            ok[i] = True
+        _UNDECODABLE[key] = [key[i] for i in np.flatnonzero(~ok)]
+    return _UNDECODABLE[key]
+
+
+def decode_failure(path: str) -> str:
+    """Why `path` does not decode, in one line (the TensorFlow error)."""
+    import tensorflow as tf
+    from remem_jax.data import augment
+
+    try:
+        augment.decode_image(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+        return f"{type(e).__name__}: {' '.join(str(e.message).split())[:200]}"
+    return "decodes when read alone"
+
+
+def undecodable_images_error(source: "Source", err: BaseException) -> Optional[DataError]:
+    """The error naming the undecodable files of `source` after `err` stopped its pipeline.
+
+    Returns None when every file decodes (then `err` had another cause).
+    """
+    if source.records is None or not source.records_are_paths:
+        return None
+    paths = list(source.records[0])
+    bad = find_undecodable(paths)
+    if not bad:
+        return None
+    more = f"; the others: {', '.join(bad[1:6])}" + (f" and {len(bad) - 6} more" if len(bad) > 6 else "") \
+        if len(bad) > 1 else ""
+    return DataError(
+        f"Cannot decode image {bad[0]!r} ({decode_failure(bad[0])}): {len(bad)} of {len(paths)} images of "
+        f"dataset {source.name!r} are undecodable{more}. Replace or delete them, or set "
+        "config.data.skip_bad_images=True to skip them (the count goes into the results).")
+
+
+def _drop_undecodable(split_dir: str, classes: list[str], paths: np.ndarray, labels: np.ndarray):
+    """(paths, labels, skipped files) with the undecodable images of a split removed."""
+    bad = set(find_undecodable(paths))
+    if not bad:
+        return paths, labels, []
+    keep = np.array([p not in bad for p in paths], bool)
+    logging.warning("Skipping %d undecodable images of %s (config.data.skip_bad_images), e.g. %s.",
+                    len(bad), split_dir, sorted(bad)[0])
+    for label in sorted(set(labels[~keep]) - set(labels[keep])):
+        raise DataError(f"Image folder class {os.path.join(split_dir, classes[label])!r} has no decodable "
+                        "image: config.data.skip_bad_images skipped all of them.")
+    return paths[keep], labels[keep], sorted(bad)
+
+
+def image_folder_split(cfg, split: str, classes: Optional[list[str]] = None):
+    """(classes, paths, labels, skipped files) of `<config.data.image_folder>/<split>`.
+
+    Undecodable images are dropped (and returned as skipped) when
+    config.data.skip_bad_images is set; otherwise nothing is decoded here.
+    """
+    root = cfg.image_folder
     if not root:
         raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
                                 "folder with train/<class>/*.jpg and test/<class>/*.jpg.")
-    classes, train_paths, train_labels = list_image_folder(os.path.join(root, "train"))
+    split_dir = os.path.join(root, split)
+    classes, paths, labels = list_image_folder(split_dir, classes)
+    if cfg.skip_bad_images:
+        return (classes, *_drop_undecodable(split_dir, classes, paths, labels))
+    return classes, paths, labels, []
+
+
+def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+    classes, train_paths, train_labels, _ = image_folder_split(cfg, "train")
     test = {}
 
     def eval_labels():
-        test["split"] = list_image_folder(os.path.join(root, "test"), classes)
-        return test["split"][2]
+        test["split"] = image_folder_split(cfg, "test", classes)[1:3]
+        return test["split"][1]
 
     which, idx = _select(cfg, role, train_labels, eval_labels)
-    data, labels = (train_paths, train_labels) if which == "train" else test["split"][1:]
-    return _record_source(spec.name, len(classes), field(cfg, "image_folder_metric"), data,
-                          labels, idx, True, pi, pc)
+    data, labels = (train_paths, train_labels) if which == "train" else test["split"]
+    return _record_source(spec.name, len(classes), cfg.image_folder_metric, data,
+                          labels, idx, True)
 
 
 def image_folder_num_classes(cfg) -> int:
     """Number of classes of the image_folder dataset (the sub-folders of train/)."""
-    root = field(cfg, "image_folder")
+    root = cfg.image_folder
     if not root:
         raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder.")
     return len(list_image_folder(os.path.join(root, "train"))[0])
@@ -199,21 +324,21 @@ def _builder(spec: DatasetSpec, cfg, tfds_name: Optional[str] = None):
     import tensorflow_datasets as tfds
 
     name = tfds_name or spec.tfds_name
-    return tfds.builder(name, data_dir=field(cfg, "data_dir"))
+    return tfds.builder(name, data_dir=cfg.data_dir)
 
 
 def _missing_data_message(spec: DatasetSpec, cfg, tfds_name: str, err: BaseException) -> str:
-    data_dir = field(cfg, "data_dir") or "~/tensorflow_datasets (TFDS default)"
-    manual_dir = field(cfg, "manual_dir") or "<manual_dir>"
+    data_dir = cfg.data_dir or "~/tensorflow_datasets (TFDS default)"
+    manual_dir = cfg.manual_dir or "<manual_dir>"
     msg = (f"Dataset {spec.name!r}: TFDS builder {tfds_name!r} has no prepared data in "
            f"data_dir={data_dir} ({type(err).__name__}: {str(err).splitlines()[0]}). ")
     if spec.manual_download:
         msg += ("This dataset needs a MANUAL download. "
                 + spec.manual_download.replace("<manual_dir>", manual_dir)
-                .replace("<data_dir>", str(field(cfg, "data_dir") or "~/tensorflow_datasets")))
+                .replace("<data_dir>", str(cfg.data_dir or "~/tensorflow_datasets")))
     else:
         msg += (f"Prepare it with `tfds build {tfds_name} --data_dir="
-                f"{field(cfg, 'data_dir') or '~/tensorflow_datasets'}` (or set "
+                f"{cfg.data_dir or '~/tensorflow_datasets'}` (or set "
                 "config.data.data_dir to where it is already prepared).")
     return msg
 
@@ -334,7 +459,7 @@ def _materialize(ds, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     builder = _builder(spec, cfg)
     train_split, eval_split = spec.train_split, spec.eval_split
-    percent = field(cfg, "validation_percent")
+    percent = cfg.validation_percent
     if percent:
         train_split, eval_split = holdout_split_strings(train_split, percent,
                                                         _split_sizes(builder))
@@ -384,7 +509,7 @@ def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np
                 continue
             parts = line.strip().rsplit(None, 1)  # The label is the last token.
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{path}:{lineno}: expected '<relative path> <label>', got "
+                raise DataError(f"{path}:{lineno}: expected '<relative path> <label>', got "
                                  f"{line.strip()!r}.")
             paths.append(parts[0])
             labels.append(int(parts[1]))
@@ -394,32 +519,31 @@ def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np
 def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     import tensorflow as tf
 
-    train_paths, train_labels = read_list_file(field(cfg, "imagenet_lt_train_list"),
+    train_paths, train_labels = read_list_file(cfg.imagenet_lt_train_list,
                                                "imagenet_lt_train_list")
     lists = {}
 
     def eval_labels():
-        lists["eval"] = read_list_file(field(cfg, "imagenet_lt_eval_list"),
+        lists["eval"] = read_list_file(cfg.imagenet_lt_eval_list,
                                        "imagenet_lt_eval_list")
         return lists["eval"][1]
 
     which, idx = _select(cfg, role, train_labels, eval_labels)
     rel, labels = (train_paths, train_labels) if which == "train" else lists["eval"]
-    root = field(cfg, "imagenet_lt_image_root")
+    root = cfg.imagenet_lt_image_root
     if root:
         full = np.array([os.path.join(root, r) for r in rel], dtype=object)
         if not tf.io.gfile.exists(full[idx[0]]):
             raise DataNotFoundError(f"ImageNet-LT image {full[idx[0]]!r} does not exist: "
                                     "config.data.imagenet_lt_image_root must hold the extracted "
                                     "ILSVRC2012 train/ and val/ folders.")
-        return _record_source(spec.name, spec.num_classes, spec.metric, full, labels, idx, True,
-                              pi, pc)
+        return _record_source(spec.name, spec.num_classes, spec.metric, full, labels, idx, True)
     # Stream imagenet2012 and keep the listed files (matched on file name); the label comes
     # from the list. Every host reads the whole imagenet2012 split (filtering is cheap, the
     # I/O is not: ~11x the LT train set). Set imagenet_lt_image_root to avoid that.
     prefixes = {r.split("/")[0] for r in rel[idx]}
     if len(prefixes) != 1 or not prefixes <= {"train", "val"}:
-        raise ValueError(f"ImageNet-LT list entries must all start with 'train/' or 'val/', "
+        raise DataError(f"ImageNet-LT list entries must all start with 'train/' or 'val/', "
                          f"got prefixes {sorted(prefixes)}.")
     tfds_split = "train" if prefixes == {"train"} else "validation"
     host = idx[pi::pc]
@@ -439,6 +563,83 @@ def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
                   host_counts=tuple(len(idx[p::pc]) for p in range(pc)), process_index=pi,
                   stream_fn=stream_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Fail fast.
+
+def _split_names(split: str) -> list[str]:
+    """'train[:80%]+validation' -> ['train', 'validation']."""
+    return [comp.split("[", 1)[0].strip() for comp in split.split("+")]
+
+
+def _check_tfds_prepared(spec: DatasetSpec, cfg, tfds_name: str, splits: list[str]) -> None:
+    import tensorflow_datasets as tfds
+
+    data_dir = cfg.data_dir
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except Exception as e:  # noqa: BLE001 - unreachable data_dir, unregistered builder
+        cause = files.remote_failure(data_dir or "", e)
+        if cause:
+            raise DataNotFoundError(f"Dataset {spec.name!r}: cannot read config.data.data_dir={data_dir}: "
+                                    f"{cause}. Copy the prepared data to a local folder and point "
+                                    "config.data.data_dir at it.") from e
+        raise DataNotFoundError(_missing_data_message(spec, cfg, tfds_name, e)) from e
+    if not prepared:
+        raise DataNotFoundError(_missing_data_message(
+            spec, cfg, tfds_name, FileNotFoundError(f"no prepared data in {builder.data_dir}")))
+    known = set(builder.info.splits)
+    missing = sorted({name for split in splits for name in _split_names(split)} - known)
+    if known and missing:
+        raise DataNotFoundError(f"Dataset {spec.name!r}: TFDS builder {tfds_name!r} in {builder.data_dir} has "
+                                f"no split(s) {missing}; it has {sorted(known)}.")
+
+
+def check_ready(data_config, dataset: str) -> dict[str, Any]:
+    """Checks that `dataset` is prepared, before a run fetches or trains anything.
+
+    Cheap checks only: prepared TFDS data (and its splits), the image folders (listed, classes
+    matched, no empty class folder; with `skip_bad_images` the one decode pass that finds the
+    images to skip), the ImageNet-LT list files and their image root. Only the splits the run
+    reads are checked (no test split with `validation_percent`).
+
+    Returns:
+      A report for the run's results: {'dataset': name} plus, with skip_bad_images,
+      'skipped_bad_images' (count per split) and 'skipped_files'.
+
+    Raises:
+      UnknownDatasetError, DataNotFoundError, DataError: what is missing or wrong, by name.
+    """
+    spec = get_spec(dataset)
+    need_eval = not data_config.validation_percent
+    report: dict[str, Any] = {"dataset": dataset}
+    if spec.kind == "image_folder":
+        classes, _, _, skipped_train = image_folder_split(data_config, "train")
+        skipped = {"train": skipped_train}
+        if need_eval:
+            skipped["test"] = image_folder_split(data_config, "test", classes)[3]
+        if data_config.skip_bad_images:
+            report["skipped_bad_images"] = {k: len(v) for k, v in skipped.items()}
+            report["skipped_files"] = sorted(f for v in skipped.values() for f in v)
+            logging.info("image_folder: skipped %s undecodable images (config.data.skip_bad_images).",
+                         report["skipped_bad_images"])
+    elif spec.kind == "tfds":
+        _check_tfds_prepared(spec, data_config, spec.tfds_name,
+                             [spec.train_split] + ([spec.eval_split] if need_eval else []))
+    elif spec.kind == "imagenet_lt":
+        read_list_file(data_config.imagenet_lt_train_list, "imagenet_lt_train_list")
+        if need_eval:
+            read_list_file(data_config.imagenet_lt_eval_list, "imagenet_lt_eval_list")
+        root = data_config.imagenet_lt_image_root
+        if root:
+            if not files.is_dir(root):
+                raise DataNotFoundError(f"config.data.imagenet_lt_image_root={root!r} is not a folder; it "
+                                        "must hold the extracted ILSVRC2012 train/ and val/ folders.")
+        else:
+            _check_tfds_prepared(spec, data_config, spec.tfds_name, ["train", "validation"])
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,5 +669,5 @@ def build_source(data_config, dataset: str, role: str, *, process_index: Optiona
         process_index, process_count = jax.process_index(), jax.process_count()
     source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count)
     if source.total_examples == 0:
-        raise ValueError(f"Dataset {dataset!r} {role} split has no examples.")
+        raise DataError(f"Dataset {dataset!r} {role} split has no examples.")
     return source

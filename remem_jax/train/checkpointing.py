@@ -13,24 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from remem_jax import errors
-
-
-def to_host(tree: Any) -> Any:
-    """Device arrays (one replica of a pmapped tree, or plain) -> numpy arrays."""
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def unreplicate(tree: Any) -> Any:
-    """The first replica of a pmap-replicated tree, as numpy arrays.
-
-    Reads device 0's buffer directly: no gather is dispatched and nothing crosses devices.
-    """
-    def first(x):
-        if isinstance(x, jax.Array):
-            return np.asarray(x.addressable_data(0))[0]  # the shard keeps a device axis of 1
-        return np.asarray(x)[0]
-    return jax.tree.map(first, tree)
+from remem_jax import devices, errors
 
 
 class StateCheckpointer:
@@ -58,12 +41,12 @@ class StateCheckpointer:
 
     def save(self, step: int, state: Any) -> None:
         """Writes `state` (host numpy arrays, or device arrays fetched here) at `step`."""
-        self._manager.save(step, args=ocp.args.StandardSave(to_host(state)), force=True)
+        self._manager.save(step, args=ocp.args.StandardSave(devices.to_host(state)), force=True)
         self._manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores the state saved at `step` with the structure and dtypes of `like`."""
-        target = to_host(like)
+        target = devices.to_host(like)
         try:
             restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as e:  # orbax raises several types for structure mismatches

@@ -7,14 +7,11 @@ import zlib
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from remem_jax import checkpoints, files, optim
 from remem_jax.data import pipeline
 from remem_jax.train import checkpointing, evaluate, loop
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -67,9 +64,9 @@ def save_params(path: str, params: Any) -> None:
         checkpoints.save_augreg(path, params)
 
 
-def warmup_steps(configured: int, total_steps: int, default_fraction: Optional[float] = None) -> int:
-    """-1 picks the default: `default_fraction` of the steps, or optim's min(500, 10%)."""
-    if configured >= 0:
+def warmup_steps(configured: Optional[int], total_steps: int, default_fraction: Optional[float] = None) -> int:
+    """None picks the default: `default_fraction` of the steps, or optim's min(500, 10%)."""
+    if configured is not None:
         return configured
     if default_fraction is not None:
         return int(default_fraction * total_steps)

@@ -14,12 +14,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from remem_jax import checkpoints, errors, export, files, losses, tree
+from remem_jax.dtypes import DTYPES
 from remem_jax.models import students
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
 METHODS = ("kd", "dist", "patient")
+TEACHER_SELECTIONS = ("all", "last")  # config.distill.teachers: every kept checkpoint, or the last per setting
 SCRATCH = "scratch"
 
 
@@ -39,11 +42,11 @@ def distillation_objective(method: str, d) -> Any:
 PATIENT_MIXUP_ALPHA = 0.8  # Beyer et al.'s consistent mixup, the ReMem paper's Table 6
 
 
-def mixup_alpha(method: str, configured: float) -> float:
-    """The mixup Beta parameter of a method: -1 picks 0.8 for patient KD and none otherwise."""
+def mixup_alpha(method: str, configured: Optional[float]) -> float:
+    """The mixup Beta parameter of a method: None picks 0.8 for patient KD and none otherwise."""
     if method == SCRATCH:
         return 0.0
-    if configured < 0:
+    if configured is None:
         return PATIENT_MIXUP_ALPHA if method == "patient" else 0.0
     return configured
 
@@ -95,7 +98,7 @@ class StudentRunner:
     def student(self):
         d = self.ctx.config.distill
         extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
-        return students.create_student(d.student, self.ctx.num_classes, dtype=common.DTYPES[d.dtype],
+        return students.create_student(d.student, self.ctx.num_classes, dtype=DTYPES[d.dtype],
                                        bn_axis_name="batch", **extra)
 
     @functools.cached_property
@@ -138,7 +141,7 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
     if teacher_entry is not None:
         teacher, teacher_params = checkpoints.load_augreg(
             teacher_entry["checkpoint"], num_classes=ctx.num_classes, image_size=ctx.config.data.image_size,
-            dtype=common.DTYPES[ctx.config.teacher.dtype])
+            dtype=DTYPES[ctx.config.teacher.dtype])
         frozen, method = {"teacher": teacher_params}, d.method
     params, batch_stats = runner.init_variables
     state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
@@ -177,11 +180,14 @@ def export_best_student(best_dir: str, best: dict) -> None:
     previous = files.read_json(marker, default={})
     if previous.get("student_checkpoint") == best["student_checkpoint"]:
         return
-    params = tree.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
-    common.save_params(os.path.join(best_dir, "student.npz"), params)
     orbax_dir = os.path.join(best_dir, "orbax")
     if files.exists(orbax_dir) and common.is_chief():  # a different best student from an earlier run
         files.remove_tree(orbax_dir)
+    # Process 0 wrote the student's npz in this stage (and removed the old export): every host
+    # waits for that before reading it and before opening the orbax directory.
+    multihost_utils.sync_global_devices("distill_student: best student written")
+    params = tree.unflatten_params(checkpoints.load_npz(best["student_checkpoint"]))
+    common.save_params(os.path.join(best_dir, "student.npz"), params)
     common.checkpointer(orbax_dir).save(0, params)
     common.write_json(marker, {"name": best["name"], "student_checkpoint": best["student_checkpoint"]})
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from remem_jax import errors
-from remem_jax.train import checkpointing, step as step_lib
+from remem_jax import devices, errors
+from remem_jax.train import checkpointing
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
 
@@ -91,7 +91,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
         logging.info("%s: resuming from step %d in %s", config.name, start, checkpointer.directory)
         state = checkpointer.restore(start, state.replace(frozen={})).replace(frozen=frozen)
     last_saved = start or None
-    replicated = step_lib.replicate(state)  # as the step returns it: no second compile
+    replicated = devices.replicate(state)  # as the step returns it: no second compile
     keep = set(config.keep_steps)
     history: list[dict] = []
     progress = Progress(config.num_steps, start, config.global_batch_size)
@@ -130,7 +130,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
             if writer is not None:
                 writer.write_scalars(step, {f"{config.name}/eval/{k}": v for k, v in record.items() if k != "step"})
         if is_save:
-            host_state = checkpointing.unreplicate(replicated)
+            host_state = devices.unreplicate(replicated)
             if step in keep and on_keep is not None:
                 on_keep(step, host_state, record)
             checkpointer.save(step, host_state.replace(frozen={}))
@@ -138,5 +138,5 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
     if writer is not None:
         writer.flush()
     if host_state is None:  # resumed at the last step: nothing ran
-        host_state = checkpointing.unreplicate(replicated)
+        host_state = devices.unreplicate(replicated)
     return host_state, history

@@ -10,13 +10,11 @@ the step, `batch` is the per-device batch and `rng` the per-device dropout key.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from remem_jax import optim
 from remem_jax.train.state import TrainState
@@ -115,27 +113,3 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, sam_rh
 def pmap_train_step(step: StepFn, donate: bool = True, axis_name: str = "batch") -> StepFn:
     """`jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))`: state replicated, batch sharded."""
     return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,) if donate else ())
-
-
-def replicate(tree: Any, axis_name: str = "batch", devices: Optional[Sequence[jax.Device]] = None) -> Any:
-    """Copies a host pytree to every local device, laid out exactly as pmap over `axis_name` returns it.
-
-    Unlike `flax.jax_utils.replicate` (whose arrays carry a different mesh axis name), the state
-    this returns has the same sharding as the step's output, so the pmapped step is traced and
-    compiled once instead of twice (first call, then again on its own output).
-
-    Args:
-      tree: a pytree of arrays (e.g. a `TrainState`).
-      axis_name: the pmap axis name of the step.
-      devices: the devices to replicate to; all local devices by default.
-
-    Returns:
-      The pytree with a leading device axis on every leaf.
-    """
-    devices = list(jax.local_devices() if devices is None else devices)
-    sharding = NamedSharding(Mesh(np.array(devices), (axis_name,)), PartitionSpec(axis_name))
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.device_put(np.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
-    return jax.tree.map(put, tree)

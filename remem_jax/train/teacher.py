@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from remem_jax import checkpoints, errors, files, losses, surgery, tree
+from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
 from remem_jax.train import common, loop, state as state_lib, step as step_lib
 
@@ -103,8 +104,8 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
     if files.exists(out) and files.exists(summary_path):
         logging.info("pretrain_teacher: %s exists, skipping.", out)
         return files.read_json(summary_path)
-    overrides = {"num_layers": p.num_layers} if p.num_layers else {}
-    model = vit.create_vit(p.variant, ctx.num_classes, dtype=common.DTYPES[p.dtype], **overrides)
+    overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
+    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], **overrides)
     size = ctx.config.data.image_size
     params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
     setup = TeacherSetup(model, params, {}, surgery.merge_partitions)
@@ -140,6 +141,16 @@ def teacher_checkpoint_path(ctx: common.RunContext) -> str:
     return name
 
 
+def teacher_cache_dir(ctx: common.RunContext) -> str:
+    """Where a remote teacher checkpoint is cached: config.teacher.cache_dir, or the per-user default.
+
+    Every setting (and every later run) reads the one cached copy instead of the
+    remote file. Exported teachers in the workdir are not cached: each is read
+    once, by its student.
+    """
+    return ctx.config.teacher.get("cache_dir") or checkpoints.default_cache_dir()
+
+
 def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None:
     """Saves a fine-tuned teacher as a plain AugReg npz: reweighting folded into the weights.
 
@@ -164,8 +175,9 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
     size = ctx.config.data.image_size
     model, params = checkpoints.load_augreg(
         teacher_checkpoint_path(ctx), num_classes=ctx.num_classes, image_size=size,
+        cache_dir=teacher_cache_dir(ctx),
         mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"], residual_mode=f.residual_mode,
-        dropout_rate=f.dropout, dtype=common.DTYPES[f.dtype])
+        dropout_rate=f.dropout, dtype=DTYPES[f.dtype])
     if f.mode == "adapter":
         model = model.clone(adapter_dim=model.hidden_size // f.adapter_reduction)
     setup = setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"), image_size=size,
@@ -179,7 +191,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
                            **{k: v for k, v in record.items() if k != "step"}}
         common.write_json(os.path.join(run_dir, "kept.json"), kept)
 
-    keep_steps = sorted({s for s in f.keep_steps if s <= f.steps} | {f.steps})
+    keep_steps = sorted(set(f.keep_steps) | {f.steps})  # validation rejects entries > f.steps
     _, history = train_classifier(
         ctx, f"finetune/{setting}", setup, f, steps=f.steps, sam_rho=hp["sam_rho"],
         sync_perturbations=f.sync_perturbations, accum_steps=f.accum_steps, run_dir=run_dir,
