@@ -552,8 +552,8 @@ def export_student(student: str, out_dir: Optional[str] = None, *, formats: Sequ
       formats: a subset of `FORMATS`.
       images: verification images float32 [N, S, S, 3] in [-1, 1]; None takes the first
         `num_images` of `dataset`'s eval pipeline (`dataset` defaults to model.json's).
-      data_config: the config.data section for the eval pipeline (None: defaults with
-        model.json's image size).
+      data_config: the config.data section for the eval pipeline (None: the one in the
+        run's `config.json`, when the npz is in a workdir's best_student/).
       dataset: registry name of the eval images.
       info: the ModelInfo; None reads model.json beside the npz.
       num_images: how many eval images to verify on.
@@ -573,17 +573,35 @@ def export_student(student: str, out_dir: Optional[str] = None, *, formats: Sequ
             write_model_info(out_dir, dataclasses.replace(info, formats=done))
             return files.read_json(os.path.join(out_dir, VERIFICATION_JSON))
     if images is None:
+        if data_config is None:  # a student inside a workdir: the run's own config (WORKDIR/config.json)
+            data_config, dataset = _run_config_data(os.path.dirname(npz), dataset)
         dataset = dataset or info.dataset
-        if dataset is None:
-            raise ExportError("verification needs images: pass --images, or --config with the dataset, or a "
-                              "model.json that names its dataset.")
-        data_config = data_config if data_config is not None else {"image_size": info.image_size}
+        if data_config is None or dataset is None:
+            raise ExportError(f"verification needs images: pass --images=..., or --config=... (the run's config, "
+                              f"for its eval split); {os.path.dirname(npz)!r} is not in a workdir with a config.json.")
+        if data_config.image_size != info.image_size:
+            raise ExportError(f"the config's data.image_size {data_config.image_size} is not the student's "
+                              f"image_size {info.image_size} (model.json).")
         images = eval_images(data_config, dataset, num_images)
         source = f"the first {len(images)} images of the {dataset!r} eval pipeline"
     else:
         source = f"{len(images)} images passed in"
     return export_model(build_student(info), variables, info, out_dir, images=images, formats=formats,
                         image_source=source, extra={"student_npz": npz, "student_npz_sha256": sha})
+
+
+def _run_config_data(student_dir: str, dataset: Optional[str]):
+    """(config.data, dataset) of the run whose workdir holds `student_dir` (best_student/), or (None, dataset)."""
+    import ml_collections
+
+    from remem_jax import workdir
+    parent = (os.path.dirname(student_dir.rstrip("/")) if files.is_remote(student_dir)
+              else os.path.dirname(os.path.abspath(student_dir)))
+    stored = files.read_json(os.path.join(parent, workdir.CONFIG_FILE), default=None)
+    if not stored or "config" not in stored:
+        return None, dataset
+    config = ml_collections.ConfigDict(stored["config"])
+    return config.data, dataset or config.dataset
 
 
 def export_for_serving(config, best_dir: str, num_classes: int) -> Optional[dict]:

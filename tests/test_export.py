@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from remem_jax import checkpoints, errors, export, predict
+from remem_jax import checkpoints, errors, export, files, predict
 from remem_jax.models import efficientnet_v2, students
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning")
@@ -378,6 +378,13 @@ def test_distill_stage_export_uses_the_eval_pipeline_and_is_reused(tmp_path):
     config.distill.export_formats = ()
     assert export.export_for_serving(config, best_dir, 10) is None
     assert export.read_model_info(best_dir).formats == {"stablehlo": "student.stablehlo.bin"}
+
+    # Re-exported elsewhere without a config: the run's WORKDIR/config.json says where eval images are.
+    with pytest.raises(export.ExportError, match="verification needs images"):
+        export.export_student(best_dir, str(tmp_path / "again"), formats=("stablehlo",))
+    files.write_json(str(tmp_path / "config.json"), {"config": config.to_dict()})  # as main.run stores it
+    again = export.export_student(best_dir, str(tmp_path / "again"), formats=("stablehlo",))
+    assert again["image_source"] == record["image_source"] and again["formats"]["stablehlo"]["passed"]
 
 
 def test_unknown_export_format_in_config_is_rejected_at_start_up():

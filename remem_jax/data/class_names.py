@@ -6,7 +6,6 @@ import os
 from absl import logging
 
 from remem_jax.data import sources
-from remem_jax.data.config import field
 from remem_jax.data.registry import get_spec
 
 # ImageNet-LT's labels are ImageNet-2012's (the list files use the same 1000 class indices).
@@ -27,11 +26,11 @@ def class_names(data_config, dataset: str, num_classes: int) -> list[str]:
         if spec.kind == "digits":
             names = [str(i) for i in range(10)]
         elif spec.kind == "image_folder":
-            names = sources.list_image_folder(os.path.join(field(data_config, "image_folder"), "train"))[0]
+            names = sources.list_image_folder(os.path.join(data_config.image_folder, "train"))[0]
         else:
             import tensorflow_datasets as tfds
             tfds_name = spec.tfds_name or _LABELS_OF.get(spec.kind, "imagenet2012")
-            builder = tfds.builder(tfds_name, data_dir=field(data_config, "data_dir"))
+            builder = tfds.builder(tfds_name, data_dir=data_config.data_dir)
             names = list(builder.info.features["label"].names)
     except Exception as e:  # names are a convenience: the export must not fail for lack of them
         logging.warning("No class names for dataset %r (%s: %s); using label indices.", dataset,
