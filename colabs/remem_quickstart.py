@@ -122,6 +122,16 @@ if SMOKE:
                                 lr=3e-3, checkpoint_every=PRETRAIN_STEPS, log_every=PRETRAIN_STEPS))
     config.finetune.lr = 0.01
 
+# %% The dataset: TFDS downloads and prepares it once (digits are bundled with scikit-learn)
+from remem_jax.data import registry
+
+spec = registry.get_spec(DATASET)
+if spec.kind == "tfds":
+    import tensorflow_datasets as tfds
+
+    tfds.builder(spec.tfds_name, data_dir=config.data.data_dir).download_and_prepare()
+print(f"{DATASET}: {spec.note or spec.tfds_name}")
+
 # %% [markdown]
 # ## 1. An AugReg teacher and its predictions
 #
