@@ -117,4 +117,36 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
     c.distill.log_every = 100         # steps between progress lines / summaries
     c.distill.export_formats = ("stablehlo", "savedmodel", "tflite")  # best student's verified serving exports (remem_jax/export.py); () = none
+
+    # --- fewshot_distill stage (WeCoLoRA, remem_jax/train/wecolora.py): shallow ViT students from the teacher ---
+    # The few-shot subset is config.data.few_shot_fraction / few_shot_per_class; the augmentation is the data
+    # section's inception crop (WeCoLoRA: RandomResizedCrop scale (0.2, 1) -> data.crop_area_min = 0.2) and flip.
+    c.wecolora = ml_collections.ConfigDict()
+    c.wecolora.d = 2                  # weight-copy factor: student = teacher blocks {0, d, 2d, ...} (ceil(L / d) blocks)
+    c.wecolora.variants = ("wecolora", "lora_qv", "weco_kd", "scratch_kd")  # rows of the table (train/wecolora.py VARIANTS)
+    c.wecolora.lora_rank = 128        # LoRA rank r of wecolora and lora_qv (the README command; argparse default 4)
+    c.wecolora.epochs = 10            # passes over the few-shot subset
+    c.wecolora.warmup_epochs = 2      # linear-warmup epochs, then cosine to 0
+    c.wecolora.batch_size = 1024      # global batch (the reference: 128 x 8 accumulation); lr = blr * batch / 256
+    c.wecolora.accum_steps = 1        # micro-batches per step (gradient accumulation, same maths)
+    c.wecolora.blr = 1e-3             # base learning rate
+    c.wecolora.weight_decay = 0.05    # AdamW decoupled decay on every leaf but biases and 1-D leaves
+    c.wecolora.adam_betas = (0.9, 0.95)
+    c.wecolora.dtype = "float32"      # student compute dtype (the teacher's is teacher.dtype)
+    c.wecolora.checkpoint_every = 500  # steps between resume checkpoints (0: only at the end)
+    c.wecolora.log_every = 20         # steps between progress lines / summaries
+
+    # --- linear_probe stage (remem_jax/train/linear_probe.py): CLS after encoder_norm, frozen, cached ---
+    c.linear_probe = ml_collections.ConfigDict()
+    c.linear_probe.epochs = 50        # the README (argparse default 90)
+    c.linear_probe.warmup_epochs = 10
+    c.linear_probe.batch_size = 512
+    c.linear_probe.blr = 0.1          # lr = blr * batch / 256
+    c.linear_probe.momentum = 0.9     # LARS momentum
+    c.linear_probe.trust_coefficient = 0.001  # LARS trust coefficient (1-D leaves: no trust scaling, no decay)
+    c.linear_probe.weight_decay = 0.0
+    c.linear_probe.train_fraction = ml_collections.FieldReference(None, field_type=float)  # None: the whole train split; f: class-stratified fraction (the reference's ImageNet --few_shot: 0.1)
+    c.linear_probe.reference_rows = True  # also probe the teacher and the untrained weight copy
+    c.linear_probe.checkpoint_every = 0  # steps between resume checkpoints (0: only at the end)
+    c.linear_probe.log_every = 100
     return c

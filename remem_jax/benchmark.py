@@ -13,6 +13,11 @@ Modes:
   finetune_lora_plain  the same LoRA with rho 0.
   distill              frozen ViT teacher (inference, inside the step) + CNN student with BatchNorm,
                        KD loss; also times a teacher-only forward on the same batch.
+  fewshot_distill      WeCoLoRA: frozen ViT teacher + its weight-copied student (every d-th block,
+                       `--wecolora_d`) with LoRA on every linear layer (`--wecolora_rank`), L1 on the
+                       last block's tokens; also times the teacher-only forward.
+  fewshot_full         the same student and loss with every weight trained (WeCo+KD): the full
+                       fine-tuning step of that student, for the LoRA/full ratio.
 
 For each mode it reports images/s, step time (mean, std), compile and first-step time, FLOPs per
 step from XLA's cost analysis of the compiled step, achieved TFLOP/s (and MFU given
@@ -45,15 +50,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from remem_jax import devices as device_lib, optim, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import students, vit
-from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
+from remem_jax.train import distill, state as state_lib, step as step_lib, teacher, wecolora
 
 AXIS = "batch"
-MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill")
+MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill", "fewshot_distill",
+         "fewshot_full")
+TEACHER_MODES = ("distill", "fewshot_distill", "fewshot_full")  # the report also times their teacher alone
 # name -> (numerator mode, denominator mode), both timed in the same process.
 RATIOS = {
     "sam_over_plain": ("finetune_sam", "finetune_plain"),
     "lora_sam_over_lora_plain": ("finetune_lora", "finetune_lora_plain"),
     "lora_sam_over_full_sam": ("finetune_lora", "finetune_sam"),
+    "fewshot_lora_over_full": ("fewshot_distill", "fewshot_full"),
 }
 FLOPS_SOURCE = ("XLA cost_analysis()['flops'] of the compiled per-device step (the pmapped "
                 "executable that is timed) x number of devices")
@@ -75,6 +83,8 @@ class BenchmarkOptions:
     num_classes: int = 100
     sam_rho: float = 0.5
     lora_rank: int = 32
+    wecolora_d: int = 2
+    wecolora_rank: int = 128
     seed: int = 0
     output: Optional[str] = None
 
@@ -88,7 +98,8 @@ class BenchmarkOptions:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"--modes must be a non-empty comma list of {MODES}, got {list(self.modes)}.")
-        for name in ("image_size", "batch_size", "steps", "warmup", "num_classes", "lora_rank"):
+        for name in ("image_size", "batch_size", "steps", "warmup", "num_classes", "lora_rank", "wecolora_d",
+                     "wecolora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}.")
         if self.num_layers < 0:
@@ -122,6 +133,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("num_classes", d.num_classes, "Classes of the heads.", **fv)
     flags.DEFINE_float("sam_rho", d.sam_rho, "SAM radius of finetune_sam and finetune_lora.", **fv)
     flags.DEFINE_integer("lora_rank", d.lora_rank, "LoRA rank (query/value targets, alpha 32).", **fv)
+    flags.DEFINE_integer("wecolora_d", d.wecolora_d, "Weight-copy factor of the fewshot modes.", **fv)
+    flags.DEFINE_integer("wecolora_rank", d.wecolora_rank, "LoRA rank of fewshot_distill (every linear layer).", **fv)
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic batch.", **fv)
     flags.DEFINE_string("output", None, "Optional path of the JSON results.", **fv)
 
@@ -321,6 +334,29 @@ def build_distill(options: BenchmarkOptions) -> ModeSetup:
                      "(BatchNorm), SAM rho 0", 0.0, teacher=teacher_model)
 
 
+def build_fewshot(options: BenchmarkOptions, mode: str) -> ModeSetup:
+    """WeCoLoRA's step (LoRA on every linear layer) or WeCo+KD's (every weight), teacher inside."""
+    key = jax.random.PRNGKey(options.seed)
+    teacher_model = _create_vit(options)
+    teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), options.image_size)
+    variant = "wecolora" if mode == "fewshot_distill" else "weco_kd"
+    setup = wecolora.build_student(variant, teacher_model, teacher_params, d=options.wecolora_d,
+                                   lora_rank=options.wecolora_rank, image_size=options.image_size,
+                                   rng=jax.random.fold_in(key, 1), dtype=DTYPES[options.dtype])
+    w = ml_collections.ConfigDict({"blr": 1e-3, "batch_size": options.batch_size, "weight_decay": 0.05,
+                                   "adam_betas": (0.9, 0.95)})  # configs/common.py's wecolora defaults
+    total = options.warmup + options.steps
+    tx = wecolora.make_tx(w, total, min(2, total - 1))
+    state = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.fold_in(key, 2),
+                                         frozen={"teacher": teacher_params, "student": setup.frozen})
+    spec = wecolora.VARIANTS[variant]
+    step = step_lib.make_train_step(wecolora.feature_distillation_loss(teacher_model, setup, spec.after_norm), tx)
+    what = (f"LoRA rank {options.wecolora_rank} on every linear layer" if spec.lora_targets else "every weight")
+    return ModeSetup(step, state, f"few-shot feature distillation: frozen ViT-{options.model} teacher -> "
+                     f"{setup.model.num_layers}-block weight copy (d={options.wecolora_d}), {what}", 0.0,
+                     teacher=teacher_model)
+
+
 def _teacher_forward(model: vit.VisionTransformer) -> Callable:
     # Exactly the teacher call inside distillation_loss.
     def forward(teacher_params, batch):
@@ -336,7 +372,12 @@ def _ms(times_s: Sequence[float]) -> tuple[float, float]:
 
 def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Sequence[jax.Device]) -> dict:
     """Times one mode; returns its JSON record."""
-    setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
+    if mode == "distill":
+        setup = build_distill(options)
+    elif mode in ("fewshot_distill", "fewshot_full"):
+        setup = build_fewshot(options, mode)
+    else:
+        setup = build_finetune(options, mode)
     n = len(devices)
     state = device_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
@@ -481,9 +522,9 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     print(table(results))
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.3f} of mean step times, {report['ratios_of_min'][name]:.3f} of min (same run)")
-    if "distill" in results:
-        r = results["distill"]
-        print(f"distill teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
+    for mode in (m for m in TEACHER_MODES if m in results):
+        r = results[mode]
+        print(f"{mode} teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
               f"step = {100 * r['teacher_share']:.1f}% (min: {100 * r['teacher_share_min']:.1f}%; "
               "teacher-only pmapped forward, same batch)")
     if options.output:

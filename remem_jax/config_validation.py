@@ -14,7 +14,7 @@ from remem_jax.data import registry
 from remem_jax.dtypes import DTYPES
 from remem_jax.errors import UserError
 from remem_jax.models import students, vit
-from remem_jax.train import distill, teacher
+from remem_jax.train import distill, teacher, wecolora
 
 
 def _check(condition: bool, field: str, expected: str, value, detail: Optional[str] = None) -> None:
@@ -165,4 +165,38 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _one_of("distill.dtype", d.dtype, DTYPES)
         _check(isinstance(d.export_formats, (tuple, list)) and all(f in export.FORMATS for f in d.export_formats),
                "distill.export_formats", f"a tuple of {', '.join(export.FORMATS)} (() for none)", d.export_formats)
+    if "fewshot_distill" in stages:
+        w = config.wecolora
+        for name in ("d", "lora_rank", "epochs", "batch_size", "accum_steps"):
+            _positive_int(config, f"wecolora.{name}")
+        _check(_is_int(w.warmup_epochs) and 0 <= w.warmup_epochs < w.epochs, "wecolora.warmup_epochs",
+               f"an integer in [0, wecolora.epochs={w.epochs})", w.warmup_epochs)
+        _check(len(w.variants) > 0 and all(v in wecolora.VARIANTS for v in w.variants), "wecolora.variants",
+               f"a non-empty list of {', '.join(wecolora.VARIANTS)}", w.variants)
+        _check(len(set(w.variants)) == len(w.variants), "wecolora.variants", "a list without repeats", w.variants)
+        _check(w.blr > 0, "wecolora.blr", "> 0", w.blr)
+        _check(w.weight_decay >= 0, "wecolora.weight_decay", ">= 0", w.weight_decay)
+        _check(len(w.adam_betas) == 2 and all(0 <= b < 1 for b in w.adam_betas), "wecolora.adam_betas",
+               "two numbers in [0, 1)", w.adam_betas)
+        _check(w.batch_size % w.accum_steps == 0, "wecolora.accum_steps",
+               f"a divisor of wecolora.batch_size ({w.batch_size})", w.accum_steps)
+        _one_of("wecolora.dtype", w.dtype, DTYPES)
+        _positive_int(config, "wecolora.log_every")
+        _check(_is_int(w.checkpoint_every) and w.checkpoint_every >= 0, "wecolora.checkpoint_every",
+               "an integer >= 0 (0: only at the end)", w.checkpoint_every)
+
+    if "linear_probe" in stages:
+        lp = config.linear_probe
+        for name in ("epochs", "batch_size", "log_every"):
+            _positive_int(config, f"linear_probe.{name}")
+        _check(_is_int(lp.warmup_epochs) and 0 <= lp.warmup_epochs < lp.epochs, "linear_probe.warmup_epochs",
+               f"an integer in [0, linear_probe.epochs={lp.epochs})", lp.warmup_epochs)
+        _check(lp.blr > 0, "linear_probe.blr", "> 0", lp.blr)
+        _check(0.0 <= lp.momentum < 1.0, "linear_probe.momentum", "in [0, 1)", lp.momentum)
+        _check(lp.trust_coefficient > 0, "linear_probe.trust_coefficient", "> 0", lp.trust_coefficient)
+        _check(lp.weight_decay >= 0, "linear_probe.weight_decay", ">= 0", lp.weight_decay)
+        _check(lp.train_fraction is None or 0.0 < lp.train_fraction <= 1.0, "linear_probe.train_fraction",
+               "None (whole train split) or in (0, 1]", lp.train_fraction)
+        _check(_is_int(lp.checkpoint_every) and lp.checkpoint_every >= 0, "linear_probe.checkpoint_every",
+               "an integer >= 0 (0: only at the end)", lp.checkpoint_every)
     _one_of("teacher.dtype", config.teacher.dtype, DTYPES)

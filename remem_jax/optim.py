@@ -70,10 +70,25 @@ def kernel_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
 
 
+def matrix_mask(params: Any) -> Any:
+    """timm's `add_weight_decay` rule in Flax names: decay every leaf but biases and 1-D leaves.
+
+    Flax keeps the per-head q/k/v biases as 2-D `(heads, head_dim)` leaves where PyTorch has one
+    1-D `qkv.bias`, so `kernel_mask` (ndim > 1) would decay them; this mask does not. Kernels,
+    LoRA factors, the patch embedding, `cls` and the position embedding are decayed (timm decays
+    `cls_token` and `pos_embed` too unless a skip list names them; MAE's distillation passes none).
+    """
+    def decayed(path, x):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
+        return jnp.ndim(x) > 1 and name != "bias"
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0.9,
                    weight_decay: float = 1e-4, grad_clip_norm: Optional[float] = 1.0,
                    nesterov: bool = False, weight_decay_mask: Any = None,
-                   optimizer: str = "sgd") -> optax.GradientTransformation:
+                   optimizer: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.999)
+                   ) -> optax.GradientTransformation:
     """SGD with momentum and decoupled weight decay (SGDW), after a global-norm clip.
 
     Chain: clip by global norm -> momentum trace -> add `weight_decay * w` (masked) -> scale by
@@ -90,6 +105,7 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
       weight_decay_mask: a pytree of bools or a callable `params -> mask`; None uses
         `kernel_mask` (decay leaves with ndim > 1 only).
       optimizer: 'sgd' (the paper's fine-tuning and distillation) or 'adam'.
+      adam_betas: Adam's (b1, b2); WeCoLoRA and TinyMIM use (0.9, 0.95).
 
     Returns:
       An `optax.GradientTransformation`.
@@ -107,11 +123,47 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov) if optimizer == "sgd" else optax.scale_by_adam())
+    if optimizer == "sgd":
+        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    else:
+        b1, b2 = adam_betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"adam_betas must be in [0, 1), got {adam_betas!r}.")
+        parts.append(optax.scale_by_adam(b1=b1, b2=b2))
     if weight_decay > 0:
         mask = kernel_mask if weight_decay_mask is None else weight_decay_mask
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate))
+    return optax.chain(*parts)
+
+
+def make_lars(*, learning_rate: Union[float, Schedule], momentum: float = 0.9, weight_decay: float = 0.0,
+              trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+    """LARS as MoCo v3 / MAE's linear probe (`util/lars.py`) has it.
+
+    For every leaf with ndim > 1: `d = g + wd * w`, `d *= trust * ||w|| / ||d||` (1 when either
+    norm is 0); 1-D leaves (biases, norms) get neither decay nor trust scaling. Then
+    `mu = momentum * mu + d` and `w -= lr_t * mu`. The learning rate multiplies after the
+    momentum (optax.lars multiplies before it, which differs when the rate changes).
+
+    Args:
+      learning_rate: a float >= 0 or a schedule `count -> lr` (recorded as 'learning_rate').
+      momentum: trace decay in [0, 1).
+      weight_decay: L2 coefficient folded into the update of ndim > 1 leaves (>= 0).
+      trust_coefficient: the LARS trust coefficient (> 0).
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    if not trust_coefficient > 0.0:
+        raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}.")
+    parts = []
+    if weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=kernel_mask))
+    parts += [optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0), kernel_mask),
+              optax.trace(decay=momentum),
+              optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate)]
     return optax.chain(*parts)
 
 

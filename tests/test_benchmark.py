@@ -70,3 +70,15 @@ def test_vit_forward_flops_matches_xla_cost_analysis():
 def test_bad_options_raise(flag, message):
     with pytest.raises(ValueError, match=message):
         benchmark.main(["benchmark", *TINY, flag])
+
+
+def test_fewshot_modes_report_the_lora_over_full_ratio_and_the_teacher_share():
+    args = ["--model=Ti_16", "--num_layers=2", "--image_size=32", "--batch_size=8", "--steps=1", "--warmup=1",
+            "--num_classes=10", "--wecolora_rank=4", "--modes=fewshot_distill,fewshot_full"]
+    report = benchmark.main(["benchmark", *args])
+    lora, full = report["results"]["fewshot_distill"], report["results"]["fewshot_full"]
+    assert lora["trainable_params"] == 4 * (4 * 2 * 192 + 2 * (192 + 768))  # one kept block, Ti width
+    assert full["trainable_params"] > lora["trainable_params"]
+    for r in (lora, full):
+        assert r["loss_finite"] and r["teacher_forward_ms_mean"] > 0 and 0 < r["teacher_share"]
+    assert report["ratios"]["fewshot_lora_over_full"] > 0

@@ -404,3 +404,24 @@ def collect_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
     if "pre_logits" in state:
         out["pre_logits"] = state["pre_logits"]["representation"][0]
     return out
+
+
+def encoder_tokens(model: VisionTransformer, params: Any, images: jax.Array, *, after_norm: bool,
+                   train: bool = False, rng: Optional[jax.Array] = None) -> jax.Array:
+    """All tokens `[B, N, D]` (CLS first) of the last block: before `encoder_norm`, or after it.
+
+    The head and `pre_logits` are computed too but nothing depends on them, so under `jit` XLA
+    drops them.
+
+    Args:
+      model, params: the ViT and its parameter tree.
+      images: NHWC in [-1, 1].
+      after_norm: True for `encoder_norm(x)` (WeCo+KD's target, the linear probe's CLS), False
+        for the last block's output (WeCoLoRA's target).
+      train: dropout on (needs `rng`).
+      rng: dropout key.
+    """
+    rngs = {"dropout": rng} if rng is not None else None
+    _, state = model.apply({"params": params}, images, train=train, rngs=rngs, mutable=["tokens"])
+    sown = collect_intermediates(state)
+    return sown["encoded"] if after_norm else sown["tokens"][-1]

@@ -47,12 +47,14 @@ def classification_loss(model: vit.VisionTransformer, combine: Callable[[Any, An
 
 def setup_finetune(model: vit.VisionTransformer, params: Any, mode: str, rng: jax.Array, *,
                    image_size: int, lora_rank: int = 32, lora_alpha: Optional[float] = 32.0,
-                   lora_targets: str = "qv") -> TeacherSetup:
+                   lora_targets: str = "qv", lora_init: str = "gaussian", train_head: bool = True
+                   ) -> TeacherSetup:
     """Splits `params` for a fine-tuning mode: full, head, lora or adapter.
 
-    LoRA leaves (A Gaussian, B zero) live under `params['lora']`; adapters are
-    fresh `Adapter_*` leaves (identity at init). Only the mode's leaves (and the
-    head) are trainable; the rest is frozen and never updated.
+    LoRA leaves (A from `lora_init`, B zero; scale `lora_alpha / rank`, or 1 for
+    None) live under `params['lora']`; adapters are fresh `Adapter_*` leaves
+    (identity at init). Only the mode's leaves (and the head, if `train_head`)
+    are trainable; the rest is frozen and never updated.
     """
     lora_config = None
     if mode == "adapter":
@@ -60,9 +62,9 @@ def setup_finetune(model: vit.VisionTransformer, params: Any, mode: str, rng: ja
     elif mode == "lora":
         targets = surgery.lora_targets(params, lora_targets)
         lora, lora_config = surgery.init_lora(rng, params, targets, rank=lora_rank, alpha=lora_alpha,
-                                              init="gaussian")
+                                              init=lora_init)
         params = surgery.attach_lora(params, lora)
-    trainable, frozen = surgery.split_trainable(params, mode)
+    trainable, frozen = surgery.split_trainable(params, mode, train_head=train_head)
 
     def combine(t, f):
         return surgery.effective_params(surgery.merge_partitions(t, f), lora_config)

@@ -1,0 +1,49 @@
+"""configs/wecolora_digits.py end to end at a reduced size: pretrain -> fewshot_distill (4 variants) -> linear_probe."""
+import json
+import os
+
+from configs import wecolora_digits
+from remem_jax import checkpoints, main
+
+CHANCE = 0.1
+VARIANTS = ["wecolora", "lora_qv", "weco_kd", "scratch_kd"]
+
+
+def reduced_config():
+    c = wecolora_digits.get_config()
+    c.data.image_size = 16
+    c.pretrain.update(dict(num_layers=4, steps=150, batch_size=32, lr=3e-3, warmup_steps=10, checkpoint_every=0,
+                           log_every=50))
+    c.wecolora.update(dict(lora_rank=4, epochs=4, warmup_epochs=1, batch_size=32, log_every=8))
+    c.linear_probe.update(dict(epochs=8, warmup_epochs=1, batch_size=64, blr=4.0, log_every=100))
+    return c
+
+
+def test_wecolora_digits_end_to_end(tmp_path):
+    results = main.run(reduced_config(), str(tmp_path))
+
+    distilled = {r["variant"]: r for r in results["fewshot_distill"]["rows"]}
+    assert list(distilled) == VARIANTS
+    assert results["fewshot_distill"]["teacher_blocks"] == 4
+    for name, row in distilled.items():
+        assert row["student_blocks"] == 2, row
+        model, _ = checkpoints.load_augreg(row["student_checkpoint"])  # a plain AugReg npz, LoRA merged
+        assert model.num_layers == 2
+    w = distilled["wecolora"]
+    assert w["l1_final"] < w["l1_initial"], w
+    assert w["trainable_params"] == 2 * 4 * (4 * 2 * 192 + 2 * (192 + 768))  # 2 blocks, rank 4, Ti width
+
+    rows = {r["name"]: r for r in results["linear_probe"]["rows"]}
+    assert list(rows) == ["teacher", "weight_copy"] + VARIANTS
+    for name, row in rows.items():
+        assert row["final"]["num_examples"] == 450, name  # every eval image, once
+        assert row["final"]["top1"] > 2 * CHANCE, (name, row["final"])
+        assert row["max_over_epochs"]["top1"] >= row["final"]["top1"]
+    table = open(tmp_path / "results.md").read()
+    assert "| wecolora | 2 | 2 | 4 |" in table and "max over epochs" in table
+    on_disk = json.load(open(tmp_path / "linear_probe" / "results.json"))
+    assert [r["name"] for r in on_disk["rows"]] == list(rows)
+
+    again = main.run(reduced_config(), str(tmp_path))  # everything complete: nothing is redone
+    assert again["linear_probe"]["rows"] == results["linear_probe"]["rows"]
+    assert os.path.exists(tmp_path / "fewshot_distill" / "wecolora" / "student.npz")
