@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.wecolora.accum_steps = 1        # micro-batches per step (gradient accumulation, same maths)
     c.wecolora.blr = 1e-3             # base learning rate
     c.wecolora.weight_decay = 0.05    # AdamW decoupled decay on every leaf but biases and 1-D leaves
-    c.wecolora.adam_betas = (0.9, 0.95)
+    c.wecolora.adam_betas = (0.9, 0.95)  # AdamW (b1, b2), the reference's
     c.wecolora.dtype = "float32"      # student compute dtype (the teacher's is teacher.dtype)
     c.wecolora.checkpoint_every = 500  # steps between resume checkpoints (0: only at the end)
     c.wecolora.log_every = 20         # steps between progress lines / summaries
@@ -139,14 +139,14 @@ def get_config() -> ml_collections.ConfigDict:
     # --- linear_probe stage (remem_jax/train/linear_probe.py): CLS after encoder_norm, frozen, cached ---
     c.linear_probe = ml_collections.ConfigDict()
     c.linear_probe.epochs = 50        # the README (argparse default 90)
-    c.linear_probe.warmup_epochs = 10
-    c.linear_probe.batch_size = 512
+    c.linear_probe.warmup_epochs = 10  # linear-warmup epochs, then cosine to 0
+    c.linear_probe.batch_size = 512   # global batch of the head training (and of the feature extraction)
     c.linear_probe.blr = 0.1          # lr = blr * batch / 256
     c.linear_probe.momentum = 0.9     # LARS momentum
     c.linear_probe.trust_coefficient = 0.001  # LARS trust coefficient (1-D leaves: no trust scaling, no decay)
-    c.linear_probe.weight_decay = 0.0
+    c.linear_probe.weight_decay = 0.0  # LARS weight decay (ndim > 1 leaves only)
     c.linear_probe.train_fraction = ml_collections.FieldReference(None, field_type=float)  # None: the whole train split; f: class-stratified fraction (the reference's ImageNet --few_shot: 0.1)
     c.linear_probe.reference_rows = True  # also probe the teacher and the untrained weight copy
     c.linear_probe.checkpoint_every = 0  # steps between resume checkpoints (0: only at the end)
-    c.linear_probe.log_every = 100
+    c.linear_probe.log_every = 100    # steps between progress lines / summaries
     return c

@@ -270,3 +270,20 @@ def test_pretrain_num_layers_must_be_none_or_positive():
     with pytest.raises(UserError, match=r"config.pretrain.num_layers must be None \(the variant's depth\) or a "
                                         r"positive integer, got 0\."):
         config_validation.validate(config, STAGES)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("wecolora.d", 0, r"config.wecolora.d must be a positive integer, got 0"),
+    ("wecolora.variants", ("wecolora", "lora"), r"config.wecolora.variants must be a non-empty list of wecolora, "
+                                                r"lora_qv, weco_kd, scratch_kd"),
+    ("wecolora.warmup_epochs", 40, r"config.wecolora.warmup_epochs must be an integer in \[0, wecolora.epochs=40\)"),
+    ("wecolora.adam_betas", (0.9, 1.0), r"config.wecolora.adam_betas must be two numbers in \[0, 1\)"),
+    ("linear_probe.train_fraction", 1.5, r"config.linear_probe.train_fraction must be None \(whole train split\)"),
+    ("linear_probe.trust_coefficient", 0.0, r"config.linear_probe.trust_coefficient must be > 0"),
+])
+def test_wecolora_validation_names_the_field(field, value, match):
+    config = importlib.import_module("configs.wecolora_digits").get_config()
+    section, _, key = field.rpartition(".")
+    config[section][key] = value
+    with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)
