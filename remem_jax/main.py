@@ -30,11 +30,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def stage_functions():
     """Stage name -> function(RunContext) -> results dict."""
-    from remem_jax.train import distill, teacher
+    from remem_jax.train import distill, teacher, tinymim
     return {
         "pretrain_teacher": teacher.pretrain_teacher,
         "finetune_teacher": teacher.finetune_teacher,
         "distill_student": distill.distill_student,
+        "relation_distill": tinymim.relation_distill,
+        "finetune_student": tinymim.finetune_student,
     }
 
 

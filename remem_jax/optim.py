@@ -73,7 +73,7 @@ def kernel_mask(params: Any) -> Any:
 def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0.9,
                    weight_decay: float = 1e-4, grad_clip_norm: Optional[float] = 1.0,
                    nesterov: bool = False, weight_decay_mask: Any = None,
-                   optimizer: str = "sgd") -> optax.GradientTransformation:
+                   optimizer: str = "sgd", adam_b2: float = 0.999) -> optax.GradientTransformation:
     """SGD with momentum and decoupled weight decay (SGDW), after a global-norm clip.
 
     Chain: clip by global norm -> momentum trace -> add `weight_decay * w` (masked) -> scale by
@@ -90,6 +90,7 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
       weight_decay_mask: a pytree of bools or a callable `params -> mask`; None uses
         `kernel_mask` (decay leaves with ndim > 1 only).
       optimizer: 'sgd' (the paper's fine-tuning and distillation) or 'adam'.
+      adam_b2: Adam's second-moment decay (0.95 for MAE / TinyMIM pretraining); b1 is 0.9.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -107,7 +108,8 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov) if optimizer == "sgd" else optax.scale_by_adam())
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov) if optimizer == "sgd"
+                 else optax.scale_by_adam(b1=0.9, b2=adam_b2))
     if weight_decay > 0:
         mask = kernel_mask if weight_decay_mask is None else weight_decay_mask
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))

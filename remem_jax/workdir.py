@@ -42,8 +42,10 @@ _FIELD_STAGES = {
     "pretrain.": ("pretrain_teacher",),
     "finetune.": ("finetune_teacher",),
     "distill.": ("distill_student",),
-    "teacher.checkpoint": ("finetune_teacher",),
-    "teacher.dtype": ("distill_student",),
+    "teacher.checkpoint": ("finetune_teacher", "relation_distill"),
+    "teacher.dtype": ("distill_student", "relation_distill"),
+    "tinymim.": ("relation_distill", "finetune_student"),  # finetune_student re-reads the run list
+    "student_finetune.": ("finetune_student",),
 }
 _ABSENT = "<absent>"
 
