@@ -13,6 +13,9 @@ Modes:
   finetune_lora_plain  the same LoRA with rho 0.
   distill              frozen ViT teacher (inference, inside the step) + CNN student with BatchNorm,
                        KD loss; also times a teacher-only forward on the same batch.
+  relation_distill     TinyMIM: frozen ViT teacher (`--model`, up to its relation block's q/k/v)
+                       + ViT student (`--tinymim_student`, last block with the teacher's heads),
+                       Q-K and V-V relation loss, AdamW; also times the teacher's part alone.
 
 For each mode it reports images/s, step time (mean, std), compile and first-step time, FLOPs per
 step from XLA's cost analysis of the compiled step, achieved TFLOP/s (and MFU given
@@ -48,7 +51,7 @@ from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib, teacher
 
 AXIS = "batch"
-MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill")
+MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill", "relation_distill")
 # name -> (numerator mode, denominator mode), both timed in the same process.
 RATIOS = {
     "sam_over_plain": ("finetune_sam", "finetune_plain"),
@@ -75,12 +78,15 @@ class BenchmarkOptions:
     num_classes: int = 100
     sam_rho: float = 0.5
     lora_rank: int = 32
+    tinymim_student: str = "S_16"
+    tinymim_student_layers: int = 0
     seed: int = 0
     output: Optional[str] = None
 
     def validate(self, num_devices: int) -> None:
         """Raises ValueError naming the first bad field."""
         vit.variant_config(self.model)  # raises on an unknown variant
+        vit.variant_config(self.tinymim_student)
         if self.student not in students.STUDENTS:
             raise ValueError(f"--student must be one of {sorted(students.STUDENTS)}, got {self.student!r}.")
         if self.dtype not in DTYPES:
@@ -122,6 +128,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("num_classes", d.num_classes, "Classes of the heads.", **fv)
     flags.DEFINE_float("sam_rho", d.sam_rho, "SAM radius of finetune_sam and finetune_lora.", **fv)
     flags.DEFINE_integer("lora_rank", d.lora_rank, "LoRA rank (query/value targets, alpha 32).", **fv)
+    flags.DEFINE_string("tinymim_student", d.tinymim_student, "ViT student variant of 'relation_distill'.", **fv)
+    flags.DEFINE_integer("tinymim_student_layers", d.tinymim_student_layers,
+                         "Depth of the 'relation_distill' student; 0 = the variant's.", **fv)
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic batch.", **fv)
     flags.DEFINE_string("output", None, "Optional path of the JSON results.", **fv)
 
@@ -267,6 +276,7 @@ class ModeSetup:
     description: str
     sam_rho: float
     teacher: Optional[vit.VisionTransformer] = None
+    teacher_forward: Optional[Callable] = None  # pmapped (teacher_params, batch) -> ...; None: the full forward
 
 
 def _optimizer(total_steps: int):
@@ -321,6 +331,37 @@ def build_distill(options: BenchmarkOptions) -> ModeSetup:
                      "(BatchNorm), SAM rho 0", 0.0, teacher=teacher_model)
 
 
+def build_relation_distill(options: BenchmarkOptions) -> ModeSetup:
+    """TinyMIM's relation step (train/tinymim.py) with configs/common.py's tinymim defaults."""
+    from remem_jax.train import tinymim
+    key = jax.random.PRNGKey(options.seed)
+    size = options.image_size
+    teacher_model = vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype],
+                                   **({"num_layers": options.num_layers} if options.num_layers else {}))
+    teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), size)
+    t = ml_collections.ConfigDict(dict(
+        student=options.tinymim_student, num_layers=options.tinymim_student_layers or None, num_heads=None,
+        last_block_heads=None, posemb="sincos2d", drop_path=0.1, dtype=options.dtype, steps=options.warmup + options.steps,
+        warmup_steps=None, lr=None, blr=1.5e-4, batch_size=options.batch_size, weight_decay=0.05, adam_b2=0.95,
+        grad_clip_norm=0.0))
+    student = tinymim.student_model(t, teacher_model.num_heads)
+    block = tinymim.default_teacher_block(teacher_model.num_layers, student.num_layers)
+    objective = tinymim.Objective(tinymim.RunSpec("relation", block), student.clone(qkv_only_block=student.num_layers - 1),
+                                  teacher_model.clone(qkv_only_block=block - 1), teacher_model.hidden_size, 0.4)
+    trained, frozen_student = tinymim.split_used(_init_vit(student, jax.random.fold_in(key, 3), size),
+                                                 objective.student, size)
+    teacher_used, _ = tinymim.split_used(teacher_params, objective.teacher, size)
+    tx = tinymim.make_distill_tx(t)
+    state = state_lib.create_train_state({"student": trained, "projection": {}}, tx, rng=jax.random.fold_in(key, 2),
+                                         frozen={"teacher": teacher_used, "student": frozen_student})
+    step = step_lib.make_train_step(objective.loss_fn(train=True), tx)
+    forward = jax.pmap(lambda p, batch: objective._teacher_targets(p, batch["image"]), axis_name=AXIS)
+    return ModeSetup(step, state, f"TinyMIM relations: frozen ViT-{options.model} teacher block {block} of "
+                     f"{teacher_model.num_layers} + ViT-{options.tinymim_student} student ({student.num_layers} "
+                     f"blocks, last with {teacher_model.num_heads} heads), AdamW", 0.0, teacher=teacher_model,
+                     teacher_forward=forward)
+
+
 def _teacher_forward(model: vit.VisionTransformer) -> Callable:
     # Exactly the teacher call inside distillation_loss.
     def forward(teacher_params, batch):
@@ -336,7 +377,10 @@ def _ms(times_s: Sequence[float]) -> tuple[float, float]:
 
 def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Sequence[jax.Device]) -> dict:
     """Times one mode; returns its JSON record."""
-    setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
+    if mode == "relation_distill":
+        setup = build_relation_distill(options)
+    else:
+        setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
     n = len(devices)
     state = device_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
@@ -368,7 +412,7 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
     record["vit_forward_flops_per_image_analytic"] = vit_forward_flops(model, options.image_size)
     record["xla_memory_per_device"] = timing["xla_memory"]
     if setup.teacher is not None:
-        fwd = time_compiled(_teacher_forward(setup.teacher), (state.frozen["teacher"], batch),
+        fwd = time_compiled(setup.teacher_forward or _teacher_forward(setup.teacher), (state.frozen["teacher"], batch),
                             steps=options.steps, warmup=options.warmup, carry_state=False)
         fwd.pop("outputs")
         teacher_ms, teacher_std = _ms(fwd["times_s"])
@@ -481,9 +525,11 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     print(table(results))
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.3f} of mean step times, {report['ratios_of_min'][name]:.3f} of min (same run)")
-    if "distill" in results:
-        r = results["distill"]
-        print(f"distill teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
+    for mode in ("distill", "relation_distill"):
+        if mode not in results:
+            continue
+        r = results[mode]
+        print(f"{mode} teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
               f"step = {100 * r['teacher_share']:.1f}% (min: {100 * r['teacher_share_min']:.1f}%; "
               "teacher-only pmapped forward, same batch)")
     if options.output:
