@@ -1,7 +1,10 @@
 """configs/tinymim_digits.py end to end at a reduced size: pretrain -> every distillation row -> fine-tunes."""
 import json
 
+import jax
 import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from configs import tinymim_digits
 from remem_jax import checkpoints, main
@@ -17,8 +20,24 @@ def reduced_config():
     return c
 
 
-def test_tinymim_digits_end_to_end(tmp_path):
-    results = main.run(reduced_config(), str(tmp_path))
+@pytest.fixture
+def persistent_cache(tmp_path):
+    """The five fine-tunes compile the same step: a persistent cache compiles it once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax_compilation_cache.reset_cache()  # decided once per process otherwise
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+def test_tinymim_digits_end_to_end(tmp_path, persistent_cache):
+    results = main.run(reduced_config(), str(tmp_path / "run"))
     runs = results["relation_distill"]["runs"]
     # Teacher 2 blocks, student 1: the default relation block is floor(0.75 * 2) = 1, then the last.
     assert [r["name"] for r in runs] == ["relation_block1", "relation_block2", "cls", "feature"]
@@ -32,10 +51,10 @@ def test_tinymim_digits_end_to_end(tmp_path):
     assert [r["name"] for r in rows] == ["relation_block1", "relation_block2", "cls", "feature", "scratch"]
     for r in rows:
         assert r["finetune"]["num_examples"] == 450 and np.isfinite(r["finetune"]["top1"])
-    table = open(tmp_path / "results.md").read()
+    table = open(tmp_path / "run" / "results.md").read()
     assert "| relation_block1 | relation | 1 of 2 |" in table and "| scratch |" in table
     assert "paper's description, not released code" in table
-    assert set(json.load(open(tmp_path / "results.json"))) >= {"relation_distill", "finetune_student"}
+    assert set(json.load(open(tmp_path / "run" / "results.json"))) >= {"relation_distill", "finetune_student"}
 
-    again = main.run(reduced_config(), str(tmp_path))  # everything is complete: nothing is redone
+    again = main.run(reduced_config(), str(tmp_path / "run"))  # everything is complete: nothing is redone
     assert again["finetune_student"]["rows"] == rows

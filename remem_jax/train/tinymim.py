@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from remem_jax import checkpoints, devices, errors, files, optim, relation_losses, surgery, tree
 from remem_jax.data import color_jitter
@@ -276,6 +277,8 @@ class DistillSetup:
                     f"config.tinymim.last_block_heads is {last_heads} but the teacher has {teacher.num_heads} "
                     "heads: the student's last-block relations must have the teacher's shape "
                     "[batch, heads, tokens, tokens]; leave it None (= the teacher's).")
+        else:  # last-layer tokens: no head
+            teacher = teacher.clone(num_classes=None)
         return Objective(spec, student, teacher, self.teacher[0].hidden_size, float(self.ctx.config.tinymim.color_jitter))
 
 
@@ -349,13 +352,14 @@ def finetune_drop_path(rate: float, num_layers: int) -> tuple[float, ...]:
     return tuple(float(r) for r in np.linspace(0.0, rate, num_layers))
 
 
-def scratch_checkpoint(ctx: common.RunContext) -> str:
+def scratch_checkpoint(ctx: common.RunContext, setup: DistillSetup) -> str:
     """The scratch student: the distillation students' architecture and init, saved like them."""
     path = ctx.path(DISTILL_DIR, SCRATCH, "student.npz")
     if not files.exists(path):
-        setup = DistillSetup(ctx)
         common.save_params(path, export_tree(setup.student, setup.student_init, ctx.config.data.image_size,
                                              ctx.num_classes))
+    # Process 0 wrote it; every host reads it.
+    multihost_utils.sync_global_devices("finetune_student: scratch student written")
     return path
 
 
@@ -416,7 +420,7 @@ def finetune_student(ctx: common.RunContext) -> dict:
                                                  "initial", "final")},
                      "finetune": finetune_one(ctx, summary["name"], summary["student_checkpoint"])["eval"]})
     if ctx.config.student_finetune.scratch_baseline:
-        result = finetune_one(ctx, SCRATCH, scratch_checkpoint(ctx))
+        result = finetune_one(ctx, SCRATCH, scratch_checkpoint(ctx, setup))
         rows.append({"name": SCRATCH, "target": SCRATCH, "teacher_block": None, "paper_only": False,
                      "finetune": result["eval"]})
     metric = ctx.metric
