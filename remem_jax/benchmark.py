@@ -355,7 +355,7 @@ def build_relation_distill(options: BenchmarkOptions) -> ModeSetup:
     state = state_lib.create_train_state({"student": trained, "projection": {}}, tx, rng=jax.random.fold_in(key, 2),
                                          frozen={"teacher": teacher_used, "student": frozen_student})
     step = step_lib.make_train_step(objective.loss_fn(train=True), tx)
-    forward = jax.pmap(lambda p, batch: objective._teacher_targets(p, batch["image"]), axis_name=AXIS)
+    forward = jax.pmap(lambda p, batch: objective.teacher_targets(p, batch["image"]), axis_name=AXIS)
     return ModeSetup(step, state, f"TinyMIM relations: frozen ViT-{options.model} teacher block {block} of "
                      f"{teacher_model.num_layers} + ViT-{options.tinymim_student} student ({student.num_layers} "
                      f"blocks, last with {teacher_model.num_heads} heads), AdamW", 0.0, teacher=teacher_model,

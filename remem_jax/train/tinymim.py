@@ -157,7 +157,8 @@ class Objective:
     teacher_width: int
     jitter: float
 
-    def _teacher_targets(self, teacher_params, images):
+    def teacher_targets(self, teacher_params, images):
+        """The teacher's side of the loss: q/k/v of its relation block, last-layer CLS, or last-block tokens."""
         images = images.astype(self.teacher.dtype)
         if self.spec.target == "relation":
             _, state = self.teacher.apply({"params": teacher_params}, images, mutable=["qkv"])
@@ -173,7 +174,7 @@ class Objective:
         def loss_fn(params, frozen, batch_stats, batch, rng):
             images = batch["image"]
             jitter_rng, dropout_rng = jax.random.split(rng)
-            targets = jax.lax.stop_gradient(self._teacher_targets(frozen["teacher"], images))
+            targets = jax.lax.stop_gradient(self.teacher_targets(frozen["teacher"], images))
             student_images = color_jitter.color_jitter(jitter_rng, images, self.jitter) if train else images
             student_params = surgery.merge_partitions(params["student"], frozen["student"])
             kwargs = dict(train=train, rngs={"dropout": dropout_rng})
