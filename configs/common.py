@@ -149,4 +149,47 @@ def get_config() -> ml_collections.ConfigDict:
     c.linear_probe.reference_rows = True  # also probe the teacher and the untrained weight copy
     c.linear_probe.checkpoint_every = 0  # steps between resume checkpoints (0: only at the end)
     c.linear_probe.log_every = 100    # steps between progress lines / summaries
+    # --- relation_distill stage (TinyMIM, remem_jax/train/tinymim.py); teacher = config.teacher ---
+    c.tinymim = ml_collections.ConfigDict()
+    c.tinymim.student = "S_16"        # student ViT variant ({Ti,S,B,L}_{patch}); its patch must equal the teacher's
+    c.tinymim.num_layers = ml_collections.FieldReference(None, field_type=int)  # None: the variant's depth
+    c.tinymim.num_heads = ml_collections.FieldReference(None, field_type=int)  # heads of all but the last block; None: the variant's
+    c.tinymim.last_block_heads = ml_collections.FieldReference(None, field_type=int)  # heads of the last block; None: the teacher's (needed for relations)
+    c.tinymim.posemb = "sincos2d"     # 'sincos2d' (fixed, MAE) or 'learned'
+    c.tinymim.drop_path = 0.1         # stochastic depth of every block but the last (0 there)
+    c.tinymim.target = "relation"     # relation (released code) | cls | feature (paper's description only)
+    c.tinymim.teacher_block = ml_collections.FieldReference(None, field_type=int)  # 1-indexed relation block; None: floor(0.75 L_t) if the teacher is deeper, else its last
+    c.tinymim.compare = ()            # extra rows: 'relation@last', 'relation@<block>', 'cls', 'feature'
+    c.tinymim.steps = 100_000         # optimizer steps
+    c.tinymim.batch_size = 4096       # global batch size (README: 4096)
+    c.tinymim.blr = 1.5e-4            # base learning rate: lr = blr * batch_size / 256
+    c.tinymim.lr = ml_collections.FieldReference(None, field_type=float)  # None: blr * batch_size / 256
+    c.tinymim.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # None: 5% of steps (15 of 300 epochs)
+    c.tinymim.weight_decay = 0.05     # AdamW decoupled weight decay (kernels, embeddings, class token)
+    c.tinymim.adam_b2 = 0.95          # AdamW beta2 (beta1 0.9)
+    c.tinymim.grad_clip_norm = 0.0    # global-norm clip; 0: none (as the released code)
+    c.tinymim.color_jitter = 0.4      # brightness/contrast/saturation jitter of the student's input only
+    c.tinymim.dtype = "float32"       # student compute dtype (teacher: teacher.dtype)
+    c.tinymim.eval_batches = 4        # complete eval batches on which the distillation loss is reported
+    c.tinymim.eval_every = 0          # steps between loss evaluations (0: only at the end)
+    c.tinymim.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
+    c.tinymim.log_every = 100         # steps between progress lines / summaries
+
+    # --- finetune_student stage: every distilled student and a scratch one, identical settings ---
+    c.student_finetune = ml_collections.ConfigDict()
+    c.student_finetune.steps = 10_000  # optimizer steps
+    c.student_finetune.batch_size = 1024  # global batch size
+    c.student_finetune.optimizer = "adam"  # 'adam' (AdamW) or 'sgd'
+    c.student_finetune.lr = 2e-3      # peak learning rate (MAE recipe: blr 5e-4 * 1024 / 256)
+    c.student_finetune.adam_b2 = 0.999  # AdamW beta2
+    c.student_finetune.weight_decay = 0.05  # decoupled weight decay
+    c.student_finetune.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # None: min(500, 10% of steps)
+    c.student_finetune.momentum = 0.9  # SGD momentum (optimizer='sgd')
+    c.student_finetune.grad_clip_norm = 0.0  # global-norm clip; 0: none
+    c.student_finetune.drop_path = 0.1  # stochastic depth, linear 0 -> drop_path over the blocks (timm)
+    c.student_finetune.dtype = "float32"  # compute dtype
+    c.student_finetune.scratch_baseline = True  # also fine-tune the undistilled (MAE-initialised) student
+    c.student_finetune.eval_every = 0  # steps between evaluations (0: only at the end)
+    c.student_finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
+    c.student_finetune.log_every = 100  # steps between progress lines / summaries
     return c

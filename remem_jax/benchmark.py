@@ -18,6 +18,9 @@ Modes:
                        last block's tokens; also times the teacher-only forward.
   fewshot_full         the same student and loss with every weight trained (WeCo+KD): the full
                        fine-tuning step of that student, for the LoRA/full ratio.
+  relation_distill     TinyMIM: frozen ViT teacher (`--model`, up to its relation block's q/k/v)
+                       + ViT student (`--tinymim_student`, last block with the teacher's heads),
+                       Q-K and V-V relation loss, AdamW; also times the teacher's part alone.
 
 For each mode it reports images/s, step time (mean, std), compile and first-step time, FLOPs per
 step from XLA's cost analysis of the compiled step, achieved TFLOP/s (and MFU given
@@ -54,8 +57,8 @@ from remem_jax.train import distill, state as state_lib, step as step_lib, teach
 
 AXIS = "batch"
 MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill", "fewshot_distill",
-         "fewshot_full")
-TEACHER_MODES = ("distill", "fewshot_distill", "fewshot_full")  # the report also times their teacher alone
+         "fewshot_full", "relation_distill")
+TEACHER_MODES = ("distill", "fewshot_distill", "fewshot_full", "relation_distill")  # the report also times their teacher alone
 # name -> (numerator mode, denominator mode), both timed in the same process.
 RATIOS = {
     "sam_over_plain": ("finetune_sam", "finetune_plain"),
@@ -85,12 +88,15 @@ class BenchmarkOptions:
     lora_rank: int = 32
     wecolora_d: int = 2
     wecolora_rank: int = 128
+    tinymim_student: str = "S_16"
+    tinymim_student_layers: int = 0
     seed: int = 0
     output: Optional[str] = None
 
     def validate(self, num_devices: int) -> None:
         """Raises ValueError naming the first bad field."""
         vit.variant_config(self.model)  # raises on an unknown variant
+        vit.variant_config(self.tinymim_student)
         if self.student not in students.STUDENTS:
             raise ValueError(f"--student must be one of {sorted(students.STUDENTS)}, got {self.student!r}.")
         if self.dtype not in DTYPES:
@@ -135,6 +141,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("lora_rank", d.lora_rank, "LoRA rank (query/value targets, alpha 32).", **fv)
     flags.DEFINE_integer("wecolora_d", d.wecolora_d, "Weight-copy factor of the fewshot modes.", **fv)
     flags.DEFINE_integer("wecolora_rank", d.wecolora_rank, "LoRA rank of fewshot_distill (every linear layer).", **fv)
+    flags.DEFINE_string("tinymim_student", d.tinymim_student, "ViT student variant of 'relation_distill'.", **fv)
+    flags.DEFINE_integer("tinymim_student_layers", d.tinymim_student_layers,
+                         "Depth of the 'relation_distill' student; 0 = the variant's.", **fv)
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic batch.", **fv)
     flags.DEFINE_string("output", None, "Optional path of the JSON results.", **fv)
 
@@ -280,6 +289,7 @@ class ModeSetup:
     description: str
     sam_rho: float
     teacher: Optional[vit.VisionTransformer] = None
+    teacher_forward: Optional[Callable] = None  # pmapped (teacher_params, batch) -> ...; None: the full forward
 
 
 def _optimizer(total_steps: int):
@@ -355,6 +365,35 @@ def build_fewshot(options: BenchmarkOptions, mode: str) -> ModeSetup:
     return ModeSetup(step, state, f"few-shot feature distillation: frozen ViT-{options.model} teacher -> "
                      f"{setup.model.num_layers}-block weight copy (d={options.wecolora_d}), {what}", 0.0,
                      teacher=teacher_model)
+def build_relation_distill(options: BenchmarkOptions) -> ModeSetup:
+    """TinyMIM's relation step (train/tinymim.py) with configs/common.py's tinymim defaults."""
+    from remem_jax.train import tinymim
+    key = jax.random.PRNGKey(options.seed)
+    size = options.image_size
+    teacher_model = vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype],
+                                   **({"num_layers": options.num_layers} if options.num_layers else {}))
+    teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), size)
+    t = ml_collections.ConfigDict(dict(
+        student=options.tinymim_student, num_layers=options.tinymim_student_layers or None, num_heads=None,
+        last_block_heads=None, posemb="sincos2d", drop_path=0.1, dtype=options.dtype, steps=options.warmup + options.steps,
+        warmup_steps=None, lr=None, blr=1.5e-4, batch_size=options.batch_size, weight_decay=0.05, adam_b2=0.95,
+        grad_clip_norm=0.0))
+    student = tinymim.student_model(t, teacher_model.num_heads)
+    block = tinymim.default_teacher_block(teacher_model.num_layers, student.num_layers)
+    objective = tinymim.Objective(tinymim.RunSpec("relation", block), student.clone(qkv_only_block=student.num_layers - 1),
+                                  teacher_model.clone(qkv_only_block=block - 1), teacher_model.hidden_size, 0.4)
+    trained, frozen_student = tinymim.split_used(_init_vit(student, jax.random.fold_in(key, 3), size),
+                                                 objective.student, size)
+    teacher_used, _ = tinymim.split_used(teacher_params, objective.teacher, size)
+    tx = tinymim.make_distill_tx(t)
+    state = state_lib.create_train_state({"student": trained, "projection": {}}, tx, rng=jax.random.fold_in(key, 2),
+                                         frozen={"teacher": teacher_used, "student": frozen_student})
+    step = step_lib.make_train_step(objective.loss_fn(train=True), tx)
+    forward = jax.pmap(lambda p, batch: objective.teacher_targets(p, batch["image"]), axis_name=AXIS)
+    return ModeSetup(step, state, f"TinyMIM relations: frozen ViT-{options.model} teacher block {block} of "
+                     f"{teacher_model.num_layers} + ViT-{options.tinymim_student} student ({student.num_layers} "
+                     f"blocks, last with {teacher_model.num_heads} heads), AdamW", 0.0, teacher=teacher_model,
+                     teacher_forward=forward)
 
 
 def _teacher_forward(model: vit.VisionTransformer) -> Callable:
@@ -378,6 +417,10 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
         setup = build_fewshot(options, mode)
     else:
         setup = build_finetune(options, mode)
+    if mode == "relation_distill":
+        setup = build_relation_distill(options)
+    else:
+        setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
     n = len(devices)
     state = device_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
@@ -409,7 +452,7 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
     record["vit_forward_flops_per_image_analytic"] = vit_forward_flops(model, options.image_size)
     record["xla_memory_per_device"] = timing["xla_memory"]
     if setup.teacher is not None:
-        fwd = time_compiled(_teacher_forward(setup.teacher), (state.frozen["teacher"], batch),
+        fwd = time_compiled(setup.teacher_forward or _teacher_forward(setup.teacher), (state.frozen["teacher"], batch),
                             steps=options.steps, warmup=options.warmup, carry_state=False)
         fwd.pop("outputs")
         teacher_ms, teacher_std = _ms(fwd["times_s"])

@@ -295,7 +295,8 @@ def infer_vit_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     Returns:
       `VisionTransformer` fields (`patch_size`, `hidden_size`, `num_layers`,
       `num_heads`, `mlp_dim`, `representation_size`, `num_classes`,
-      `adapter_dim`) and `image_size` (the square resolution the position
+      `adapter_dim`, and `last_block_heads` only when the last block's head
+      count differs from the first's) and `image_size` (the square resolution the position
       embeddings were trained for).
     """
     def need(key):
@@ -319,6 +320,9 @@ def infer_vit_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     if grid * grid != pos[1] - 1:
         raise CheckpointError(f"pos_embedding has {pos[1]} rows, not a square grid plus a class token.")
     adapter = flat.get(f"{first}/Adapter_mlp/down/kernel")
+    last_query = need(f"Transformer/encoderblock_{max(blocks)}/MultiHeadDotProductAttention_1/query/kernel")
+    # A TinyMIM student's last block may have another head count; otherwise the field is absent.
+    last_heads = {"last_block_heads": int(last_query[1])} if last_query[1] != query[1] else {}
     return dict(
         patch_size=int(patch), hidden_size=int(hidden), num_layers=len(blocks),
         num_heads=int(query[1]), mlp_dim=int(mlp[1]),
@@ -326,6 +330,7 @@ def infer_vit_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
         num_classes=int(flat["head/kernel"].shape[1]) if "head/kernel" in flat else None,
         adapter_dim=int(adapter.shape[1]) if adapter is not None else None,
         image_size=int(grid * patch),
+        **last_heads,
     )
 
 

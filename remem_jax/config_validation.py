@@ -14,7 +14,7 @@ from remem_jax.data import registry
 from remem_jax.dtypes import DTYPES
 from remem_jax.errors import UserError
 from remem_jax.models import students, vit
-from remem_jax.train import distill, teacher, wecolora
+from remem_jax.train import distill, teacher, tinymim, wecolora
 
 
 def _check(condition: bool, field: str, expected: str, value, detail: Optional[str] = None) -> None:
@@ -199,4 +199,56 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
                "None (whole train split) or in (0, 1]", lp.train_fraction)
         _check(_is_int(lp.checkpoint_every) and lp.checkpoint_every >= 0, "linear_probe.checkpoint_every",
                "an integer >= 0 (0: only at the end)", lp.checkpoint_every)
+    if "relation_distill" in stages or "finetune_student" in stages:
+        _validate_tinymim(config)
+    if "finetune_student" in stages:
+        _validate_student_finetune(config)
     _one_of("teacher.dtype", config.teacher.dtype, DTYPES)
+
+
+def _validate_tinymim(config) -> None:
+    """config.tinymim (read by relation_distill, and by finetune_student for its run list)."""
+    t = config.tinymim
+    for name in ("steps", "batch_size", "eval_batches"):
+        _positive_int(config, f"tinymim.{name}")
+    try:
+        vit.variant_config(t.student)
+    except ValueError as e:
+        raise UserError(f"config.tinymim.student: {e}") from None
+    for name in ("num_layers", "num_heads", "last_block_heads"):
+        _optional_positive_int(config, f"tinymim.{name}", "the default")
+    _one_of("tinymim.posemb", t.posemb, vit.POSEMB_KINDS)
+    _check(0.0 <= t.drop_path < 1.0, "tinymim.drop_path", "in [0, 1)", t.drop_path)
+    _one_of("tinymim.target", t.target, tinymim.TARGETS)
+    _optional_positive_int(config, "tinymim.teacher_block", "floor(0.75 L_t) if the teacher is deeper, else the last")
+    _check(t.teacher_block is None or t.target == "relation", "tinymim.teacher_block",
+           f"None when tinymim.target is {t.target!r} (cls and feature use the last layer)", t.teacher_block)
+    _check(isinstance(t.compare, (tuple, list)) and all(isinstance(e, str) for e in t.compare), "tinymim.compare",
+           "a tuple of 'relation@last', 'relation@<block>', 'cls', 'feature'", t.compare)
+    for entry in t.compare:  # block numbers are checked against the teacher's depth when it is loaded
+        tinymim.parse_run(entry, teacher_layers=10**6, student_layers=0, field="tinymim.compare")
+    _check(t.blr > 0, "tinymim.blr", "> 0", t.blr)
+    _check(t.lr is None or t.lr > 0, "tinymim.lr", "None (blr * batch_size / 256) or > 0", t.lr)
+    _warmup(config, "tinymim", "5% of steps")
+    _cadence(config, "tinymim")
+    _check(t.weight_decay >= 0, "tinymim.weight_decay", ">= 0", t.weight_decay)
+    _check(0.0 <= t.adam_b2 < 1.0, "tinymim.adam_b2", "in [0, 1)", t.adam_b2)
+    _check(t.grad_clip_norm >= 0, "tinymim.grad_clip_norm", ">= 0 (0: no clipping)", t.grad_clip_norm)
+    _check(0.0 <= t.color_jitter < 1.0, "tinymim.color_jitter", "in [0, 1)", t.color_jitter)
+    _one_of("tinymim.dtype", t.dtype, DTYPES)
+
+
+def _validate_student_finetune(config) -> None:
+    f = config.student_finetune
+    for name in ("steps", "batch_size"):
+        _positive_int(config, f"student_finetune.{name}")
+    _one_of("student_finetune.optimizer", f.optimizer, optim.OPTIMIZERS)
+    _check(f.lr > 0, "student_finetune.lr", "> 0", f.lr)
+    _check(0.0 <= f.adam_b2 < 1.0, "student_finetune.adam_b2", "in [0, 1)", f.adam_b2)
+    _check(f.weight_decay >= 0, "student_finetune.weight_decay", ">= 0", f.weight_decay)
+    _warmup(config, "student_finetune", "min(500, 10% of steps)")
+    _cadence(config, "student_finetune")
+    _check(0.0 <= f.momentum < 1.0, "student_finetune.momentum", "in [0, 1)", f.momentum)
+    _check(f.grad_clip_norm >= 0, "student_finetune.grad_clip_norm", ">= 0 (0: no clipping)", f.grad_clip_norm)
+    _check(0.0 <= f.drop_path < 1.0, "student_finetune.drop_path", "in [0, 1)", f.drop_path)
+    _one_of("student_finetune.dtype", f.dtype, DTYPES)

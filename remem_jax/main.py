@@ -30,13 +30,15 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def stage_functions():
     """Stage name -> function(RunContext) -> results dict."""
-    from remem_jax.train import distill, linear_probe, teacher, wecolora
+    from remem_jax.train import distill, linear_probe, teacher, tinymim, wecolora
     return {
         "pretrain_teacher": teacher.pretrain_teacher,
         "finetune_teacher": teacher.finetune_teacher,
         "distill_student": distill.distill_student,
         "fewshot_distill": wecolora.fewshot_distill,
         "linear_probe": linear_probe.linear_probe,
+        "relation_distill": tinymim.relation_distill,
+        "finetune_student": tinymim.finetune_student,
     }
 
 

@@ -42,8 +42,12 @@ _FIELD_STAGES = {
     "pretrain.": ("pretrain_teacher",),
     "finetune.": ("finetune_teacher",),
     "distill.": ("distill_student",),
-    "teacher.checkpoint": ("finetune_teacher",),
-    "teacher.dtype": ("distill_student",),
+    "teacher.checkpoint": ("finetune_teacher", "relation_distill", "fewshot_distill"),
+    "teacher.dtype": ("distill_student", "relation_distill", "fewshot_distill", "linear_probe"),
+    "wecolora.": ("fewshot_distill",),
+    "linear_probe.": ("linear_probe",),
+    "tinymim.": ("relation_distill", "finetune_student"),  # finetune_student re-reads the run list
+    "student_finetune.": ("finetune_student",),
 }
 _ABSENT = "<absent>"
 

@@ -16,6 +16,15 @@ which default to the unmodified network:
   * `prune_attn` / `prune_mlp`: block indices whose attention / MLP branch is skipped.
   * `adapter_dim`: Houlsby bottleneck adapters after each attention and MLP branch.
 
+and the options a TinyMIM student needs (all off by default, so the AugReg path is unchanged):
+  * `drop_path_rate`: stochastic depth per block (a number or one per block), 0 at inference.
+  * `last_block_heads`: a different head count for the last block only.
+  * `posemb='sincos2d'`: fixed 2-D sin-cos position embeddings (MAE), no parameter.
+  * `init_style='mae'`: MAE's initialisation (xavier-uniform linears and patch embedding,
+    class token N(0, 0.02), zero biases).
+  * `qkv_only_block`: stop inside that block after its q/k/v (sown in `qkv`): no later
+    computation, no parameters past it.
+
 Intermediate values are recorded with `Module.sow` into separate collections, so
 a caller pays only for what it asks for by making that collection mutable:
 
@@ -54,6 +63,8 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 INTERMEDIATE_COLLECTIONS = ("tokens", "attention", "qkv", "mlp_hidden", "pre_logits")
 RESIDUAL_MODES = ("two_minus", "inverse")
+POSEMB_KINDS = ("learned", "sincos2d")
+INIT_STYLES = ("vit", "mae")
 LAYERNORM_EPSILON = 1e-6
 
 
@@ -98,19 +109,82 @@ def per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, .
     return values
 
 
+def per_block_rates(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
+    """Expands a scalar or per-block sequence of rates in [0, 1) to one float per block."""
+    if isinstance(value, (int, float)):
+        values = (float(value),) * num_layers
+    else:
+        values = tuple(float(v) for v in value)
+    if len(values) != num_layers:
+        raise ValueError(f"{field} must be a number or have one entry per block "
+                         f"({num_layers}), got {len(values)} entries.")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise ValueError(f"{field} entries must lie in [0, 1), got {bad}.")
+    return values
+
+
+def sincos_posemb_2d(width: int, grid: int, class_token: bool = True):
+    """Fixed 2-D sin-cos position embeddings `[1, (1 +) grid*grid, width]` (float32 NumPy).
+
+    The layout of MAE's `get_2d_sincos_pos_embed`: the token of patch (row r, column c)
+    (row-major, as the patch embedding flattens) gets `[e(c), e(r)]`, where
+    `e(p) = [sin(p * w), cos(p * w)]` over `width // 4` frequencies `w_i = 10000^(-i / (width/4))`;
+    the class token's row is zero.
+    """
+    import numpy as np  # the table is a trace-time constant
+    if width % 4:
+        raise ValueError(f"sin-cos position embeddings need a hidden size divisible by 4, got {width}.")
+    quarter = width // 4
+    freqs = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
+
+    def encode(position):
+        angles = position[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(cols), encode(rows)], axis=1)
+    if class_token:
+        table = np.concatenate([np.zeros((1, width)), table], axis=0)
+    return table[None].astype(np.float32)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zeroes a whole example's branch with probability `rate`, scales the rest.
+
+    `x * m / (1 - rate)` with one `m ~ Bernoulli(1 - rate)` per example (leading axis), drawn
+    from the 'dropout' rng; the identity (no op at all) when `rate == 0` or `deterministic`.
+    """
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        if self.rate == 0.0 or deterministic:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def _dense_init(init_style: str):
+    """Kernel / bias initialisers of Dense layers: vit_jax's, or MAE's (zero biases)."""
+    bias = nn.initializers.zeros if init_style == "mae" else nn.initializers.normal(stddev=1e-6)
+    return nn.initializers.xavier_uniform(), bias
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense -> dropout (vit_jax MlpBlock)."""
     mlp_dim: int
     dropout_rate: float = 0.0
     approximate_gelu: bool = True
     dtype: Dtype = jnp.float32
+    init_style: str = "vit"
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
+        kernel_init, bias_init = _dense_init(self.init_style)
         dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, name=name,
-            kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6))
+            features, dtype=self.dtype, name=name, kernel_init=kernel_init, bias_init=bias_init)
         out_dim = x.shape[-1]
         x = dense(self.mlp_dim, "Dense_0")(x)
         x = nn.gelu(x, approximate=self.approximate_gelu)
@@ -131,6 +205,8 @@ class MultiHeadSelfAttention(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    init_style: str = "vit"
+    qkv_only: bool = False  # stop after sowing q, k, v and return them
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -138,20 +214,28 @@ class MultiHeadSelfAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by num_heads {self.num_heads}.")
         head_dim = width // self.num_heads
+        if self.init_style == "mae":
+            # MAE's fused qkv Linear(D, 3D), xavier-uniform: variance 2 / (D + 3D) per kernel
+            # (DenseGeneral hands the initialiser the flattened (D, D) kernel shape).
+            qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+        else:
+            qkv_init = nn.initializers.xavier_uniform()
+        out_init = nn.initializers.xavier_uniform()
         proj = lambda name: nn.DenseGeneral(
-            (self.num_heads, head_dim), dtype=self.dtype, name=name,
-            kernel_init=nn.initializers.xavier_uniform())
+            (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=qkv_init)
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         self.sow("qkv", "q", q)
         self.sow("qkv", "k", k)
         self.sow("qkv", "v", v)
+        if self.qkv_only:
+            return q, k, v
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         self.sow("attention", "probs", probs)
         probs = nn.Dropout(rate=self.dropout_rate, broadcast_dims=())(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                               kernel_init=nn.initializers.xavier_uniform())(out)
+                               kernel_init=out_init)(out)
 
 
 class Adapter(nn.Module):
@@ -187,6 +271,9 @@ class Encoder1DBlock(nn.Module):
     skip_mlp: bool = False
     adapter_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
+    init_style: str = "vit"
+    qkv_only: bool = False  # compute LayerNorm_0 and q/k/v only (sown), return the input
 
     def _residual(self, stream, branch, weight):
         if weight == 1.0:  # Keeps the default model bit-identical to the plain one.
@@ -195,31 +282,51 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
+        drop_path = DropPath(self.drop_path_rate)
+        if self.qkv_only:
+            if self.skip_attn:
+                raise ValueError("qkv_only needs the block's attention, but it is pruned.")
+            y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+            MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
+                                   qkv_only=True, name="MultiHeadDotProductAttention_1")(
+                                       y, deterministic=deterministic)
+            return x
         if not self.skip_attn:
             y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
             y = MultiHeadSelfAttention(
-                self.num_heads, self.attention_dropout_rate, self.dtype,
+                self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
                 name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
             y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
             if self.adapter_dim:
                 y = Adapter(self.adapter_dim, self.dtype, name="Adapter_attn")(y)
-            x = self._residual(x, y, self.attn_beta)
+            x = self._residual(x, drop_path(y, deterministic=deterministic), self.attn_beta)
         if not self.skip_mlp:
             y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
-            y = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu, self.dtype,
+            y = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu, self.dtype, self.init_style,
                          name="MlpBlock_3")(y, deterministic=deterministic)
             if self.adapter_dim:
                 y = Adapter(self.adapter_dim, self.dtype, name="Adapter_mlp")(y)
-            x = self._residual(x, y, self.mlp_alpha)
+            x = self._residual(x, drop_path(y, deterministic=deterministic), self.mlp_alpha)
         self.sow("tokens", "out", x)
         return x
 
 
 class AddPositionEmbs(nn.Module):
-    """Learned position embeddings `(1, tokens, D)`; row 0 belongs to the class token."""
+    """Learned position embeddings `(1, tokens, D)`; row 0 belongs to the class token.
+
+    With `kind='sincos2d'` a fixed table (`sincos_posemb_2d`) is added instead and there is no
+    parameter (export adds it as `pos_embedding`, so the npz is an ordinary AugReg file).
+    """
+    kind: str = "learned"
 
     @nn.compact
     def __call__(self, x):
+        if self.kind == "sincos2d":
+            grid = int(round((x.shape[1] - 1) ** 0.5))
+            if grid * grid != x.shape[1] - 1:
+                raise ValueError(f"sin-cos position embeddings need a square grid plus a class token, "
+                                 f"got {x.shape[1]} tokens.")
+            return x + jnp.asarray(sincos_posemb_2d(x.shape[2], grid), x.dtype)
         shape = (1, x.shape[1], x.shape[2])
         if self.has_variable("params", "pos_embedding"):
             stored = self.get_variable("params", "pos_embedding").shape
@@ -249,14 +356,21 @@ class Encoder(nn.Module):
     prune_mlp: tuple[int, ...] = ()
     adapter_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
+    drop_path_rate: tuple[float, ...] = ()
+    last_block_heads: Optional[int] = None
+    posemb: str = "learned"
+    init_style: str = "vit"
+    qkv_only_block: Optional[int] = None
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        x = AddPositionEmbs(name="posembed_input")(x)
+        x = AddPositionEmbs(self.posemb, name="posembed_input")(x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            heads = self.last_block_heads if last and self.last_block_heads else self.num_heads
             x = Encoder1DBlock(
-                mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim, num_heads=heads,
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 approximate_gelu=self.approximate_gelu,
@@ -265,7 +379,11 @@ class Encoder(nn.Module):
                 residual_mode=self.residual_mode,
                 skip_attn=i in self.prune_attn, skip_mlp=i in self.prune_mlp,
                 adapter_dim=self.adapter_dim, dtype=self.dtype,
+                drop_path_rate=self.drop_path_rate[i] if self.drop_path_rate else 0.0,
+                init_style=self.init_style, qkv_only=i == self.qkv_only_block,
                 name=f"encoderblock_{i}")(x, deterministic=deterministic)
+            if i == self.qkv_only_block:
+                return x
         encoded = _layer_norm("encoder_norm")(x)
         self.sow("tokens", "encoded", encoded)
         return encoded
@@ -288,6 +406,16 @@ class VisionTransformer(nn.Module):
       prune_attn, prune_mlp: indices of blocks whose branch is removed.
       adapter_dim: bottleneck width of Houlsby adapters; None for none.
       dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+      drop_path_rate: stochastic depth of each block's two branches (a number or one per
+        block, each in [0, 1)); 0 at inference.
+      last_block_heads: head count of the last block (TinyMIM matches the teacher's there);
+        None for `num_heads`.
+      posemb: `'learned'` (AugReg) or `'sincos2d'` (fixed, no parameter; MAE).
+      init_style: `'vit'` (vit_jax) or `'mae'` (xavier-uniform patch embedding and linears,
+        class token N(0, 0.02), zero biases). Only matters for freshly initialised models.
+      qkv_only_block: a 0-based block index: the forward pass stops after that block's
+        LayerNorm_0 and q/k/v (sown in `qkv`) and returns that block's input tokens
+        `[B, N, D]` (float32); later blocks, the norm and the head are neither run nor created.
     """
     num_classes: Optional[int]
     patch_size: int
@@ -306,10 +434,22 @@ class VisionTransformer(nn.Module):
     prune_mlp: tuple[int, ...] = ()
     adapter_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
+    drop_path_rate: BlockFactor = 0.0
+    last_block_heads: Optional[int] = None
+    posemb: str = "learned"
+    init_style: str = "vit"
+    qkv_only_block: Optional[int] = None
 
     def _check_config(self):
         if self.residual_mode not in RESIDUAL_MODES:
             raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {self.residual_mode!r}.")
+        if self.posemb not in POSEMB_KINDS:
+            raise ValueError(f"posemb must be one of {POSEMB_KINDS}, got {self.posemb!r}.")
+        if self.init_style not in INIT_STYLES:
+            raise ValueError(f"init_style must be one of {INIT_STYLES}, got {self.init_style!r}.")
+        if self.qkv_only_block is not None and not 0 <= self.qkv_only_block < self.num_layers:
+            raise ValueError(f"qkv_only_block must be a block index in [0, {self.num_layers}), "
+                             f"got {self.qkv_only_block}.")
         for field in ("prune_attn", "prune_mlp"):
             bad = [i for i in getattr(self, field) if not 0 <= i < self.num_layers]
             if bad:
@@ -323,11 +463,15 @@ class VisionTransformer(nn.Module):
         n, h, w, _ = images.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {self.patch_size}.")
+        mae = self.init_style == "mae"
+        conv_init = (nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+                     if mae else nn.linear.default_kernel_init)
         x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID",
-                    dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+                    kernel_init=conv_init, dtype=self.dtype, name="embedding")(images.astype(self.dtype))
         x = x.reshape(n, -1, self.hidden_size)
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+        cls = self.param("cls", nn.initializers.normal(stddev=0.02) if mae else nn.initializers.zeros,
+                         (1, 1, self.hidden_size))
         x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
         x = Encoder(
             num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
@@ -338,7 +482,12 @@ class VisionTransformer(nn.Module):
             residual_mode=self.residual_mode,
             prune_attn=tuple(self.prune_attn), prune_mlp=tuple(self.prune_mlp),
             adapter_dim=self.adapter_dim, dtype=self.dtype,
+            drop_path_rate=per_block_rates(self.drop_path_rate, self.num_layers, "drop_path_rate"),
+            last_block_heads=self.last_block_heads, posemb=self.posemb, init_style=self.init_style,
+            qkv_only_block=self.qkv_only_block,
             name="Transformer")(x, deterministic=not train)
+        if self.qkv_only_block is not None:
+            return x.astype(jnp.float32)
         x = x[:, 0]
         if self.representation_size is not None:
             x = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x)

@@ -79,7 +79,8 @@ def make_tx(section: ml_collections.ConfigDict, total_steps: int, *, warmup_frac
         section.lr, total_steps, warmup_steps(section.warmup_steps, total_steps, warmup_fraction))
     return optim.make_optimizer(
         learning_rate=schedule, momentum=section.momentum, weight_decay=section.weight_decay,
-        grad_clip_norm=section.grad_clip_norm or None, optimizer=section.get("optimizer", "sgd"))
+        grad_clip_norm=section.grad_clip_norm or None, optimizer=section.get("optimizer", "sgd"),
+        adam_betas=(0.9, section.get("adam_b2", 0.999)))
 
 
 def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup_alpha: float = 0.0

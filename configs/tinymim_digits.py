@@ -1,0 +1,55 @@
+"""TinyMIM offline, on scikit-learn's bundled handwritten digits (no download).
+
+A 4-block ViT-Ti/8 teacher is first trained from scratch (`pretrain_teacher`, as
+configs/digits.py) and saved as an AugReg npz; a 2-block ViT-Ti/8 student (6 heads, d_h 32, in
+its first block; the teacher's 3 heads, d_h 64, in its last) is distilled from it once per row:
+token relations from the teacher's block 3 of 4 (floor(0.75 L_t), the default) and from its last
+block, CLS distillation and feature distillation (these two follow the paper's description, not
+released code). `finetune_student` then fine-tunes each student and an undistilled student of
+the same architecture and init with identical settings; the table goes to $WORKDIR/results.md.
+
+Run:
+  python -m remem_jax.main --config=configs/tinymim_digits.py --workdir=/tmp/tinymim_digits
+
+Timing: a run with longer schedules (`--config.pretrain.steps=500 --config.tinymim.steps=150
+--config.student_finetune.steps=150`) took 38m23s wall but only 14m40s of CPU time (user + sys)
+on 2 shared cores at load average ~9; these defaults are about a third shorter, aiming at under
+8 minutes on 2 idle cores (not timed). That run's table (fine-tuned top-1 on the 450 held-out
+digits; teacher 85.3%): relation block 3 of 4: 80.0, relation block 4 of 4: 81.6, cls: 82.2,
+feature: 70.4, scratch: 73.8; relation losses 1.98 -> 0.59 and 1.59 -> 0.77.
+
+Expected: every relation loss falls during distillation; fine-tuned students far above chance
+(10%). This toy setting is too small to reproduce the paper's ordering; configs/tinymim_imagenet.py
+has the paper's numbers.
+"""
+from configs import digits
+
+
+def get_config():
+    c = digits.get_config()  # its data settings and its pretrain_teacher recipe
+    c.stages = ("pretrain_teacher", "relation_distill", "finetune_student")
+    c.teacher.checkpoint = "pretrain"
+    c.pretrain.steps = 300            # configs/digits.py: 500 (measured: 85.3% top-1 after 500)
+
+    t = c.tinymim
+    t.student = "Ti_8"
+    t.num_layers = 2
+    t.num_heads = 6                   # as TinyMIM's tiny student: more heads in the other blocks
+    t.target = "relation"             # teacher block None: floor(0.75 * 4) = 3 of 4
+    t.compare = ("relation@last", "cls", "feature")
+    t.steps = 100
+    t.batch_size = 64
+    t.lr = 1e-3                       # blr * 64 / 256 = 3.75e-5 is far too small for 100 steps
+    t.warmup_steps = 10
+    t.eval_batches = 2
+    t.checkpoint_every = 100
+    t.log_every = 50
+
+    f = c.student_finetune
+    f.steps = 100
+    f.batch_size = 64
+    f.lr = 1e-3
+    f.warmup_steps = 10
+    f.checkpoint_every = 100
+    f.log_every = 50
+    return c

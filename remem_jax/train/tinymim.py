@@ -1,0 +1,432 @@
+"""TinyMIM (Ren et al., CVPR 2023): `relation_distill` and `finetune_student` stages.
+
+`relation_distill` distils a ViT student, built from a variant name with MAE's initialisation,
+from a frozen ViT teacher (any AugReg npz, or the `pretrain_teacher` stage's). Targets
+(`config.tinymim.target`, plus comparison rows in `config.tinymim.compare`):
+
+  * `relation` (the released code): the Q-K and V-V token relations of the teacher's block
+    `teacher_block` (1-indexed; default floor(0.75 L_t) when the teacher is deeper than the
+    student, else its last) and of the student's last block, whose head count is the teacher's
+    (`last_block_heads`). Only that much is computed: the teacher stops after the chosen block's
+    q/k/v, the student after its last block's; the student's last-block attention output, MLP
+    and final norm get no gradient and are kept out of the optimizer (never updated).
+  * `cls`: `-cos(M c_s, c_t)` of the last-layer class tokens, M a learned linear map.
+  * `feature`: Smooth-L1 (beta 2) between `M F_s` and the teacher's last-block tokens whitened
+    by a non-affine LayerNorm. `cls` and `feature` follow the paper's description, not released
+    code (notes/methods.md section 2.2, ambiguity row 22), and are marked so in the results.
+
+Teacher and student see the same crop and flip; the student alone gets colour jitter (on the
+device, in the step). AdamW (0.9, 0.95), wd 0.05, lr = blr * batch / 256, linear warmup then
+cosine. Each distilled student is exported as an AugReg npz (`load_augreg` reads it: sin-cos
+position embeddings are written as `pos_embedding`, plus a zero head for the dataset's classes).
+
+`finetune_student` fine-tunes every distilled student and a scratch student of the same
+architecture (same init, no distillation) with identical settings through the classifier
+machinery of `train/teacher.py`, and writes `results.md` (one row per target and teacher block,
+plus scratch: distillation loss before / after, fine-tuned metric).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from remem_jax import checkpoints, devices, errors, files, optim, relation_losses, surgery, tree
+from remem_jax.data import color_jitter
+from remem_jax.dtypes import DTYPES
+from remem_jax.models import vit
+from remem_jax.train import common, loop, state as state_lib, step as step_lib
+from remem_jax.train import teacher as teacher_lib
+
+TARGETS = ("relation", "cls", "feature")
+PAPER_ONLY_TARGETS = ("cls", "feature")  # not in the released code (ambiguity row 22)
+SCRATCH = "scratch"
+DISTILL_DIR = "tinymim"
+FINETUNE_DIR = "tinymim_finetune"
+_RUN_SPEC = re.compile(r"(relation|cls|feature)(?:@(last|\d+))?")
+
+
+# ----------------------------------------------------------------------------- what to run
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One distillation run: a target and (for relations) the 1-indexed teacher block."""
+    target: str
+    teacher_block: Optional[int] = None  # None for cls / feature (last-layer tokens)
+
+    @property
+    def name(self) -> str:
+        return f"{self.target}_block{self.teacher_block}" if self.target == "relation" else self.target
+
+
+def default_teacher_block(teacher_layers: int, student_layers: int) -> int:
+    """floor(0.75 L_t) when the teacher is deeper than the student, else its last block (1-indexed)."""
+    return int(math.floor(0.75 * teacher_layers)) if teacher_layers > student_layers else teacher_layers
+
+
+def parse_run(spec: str, *, teacher_layers: int, student_layers: int, field: str) -> RunSpec:
+    """`'relation'`, `'relation@last'`, `'relation@9'`, `'cls'` or `'feature'` -> RunSpec."""
+    match = _RUN_SPEC.fullmatch(str(spec))
+    if match is None:
+        raise errors.UserError(f"config.{field} entries must be 'relation', 'relation@last', 'relation@<block>', "
+                               f"'cls' or 'feature', got {spec!r}.")
+    target, block = match.groups()
+    if target != "relation":
+        if block is not None:
+            raise errors.UserError(f"config.{field}: {spec!r}: a teacher block only applies to 'relation' "
+                                   "(cls and feature use the last layer).")
+        return RunSpec(target)
+    if block is None:
+        number = default_teacher_block(teacher_layers, student_layers)
+    elif block == "last":
+        number = teacher_layers
+    else:
+        number = int(block)
+    if not 1 <= number <= teacher_layers:
+        raise errors.UserError(f"config.{field}: teacher block {number} is outside 1..{teacher_layers} "
+                               f"(the teacher has {teacher_layers} blocks; blocks are 1-indexed).")
+    return RunSpec("relation", number)
+
+
+def run_specs(t, *, teacher_layers: int, student_layers: int) -> list[RunSpec]:
+    """The primary run (`tinymim.target`, `tinymim.teacher_block`) then `tinymim.compare`, without repeats."""
+    primary = t.target if t.target != "relation" or t.teacher_block is None else f"relation@{t.teacher_block}"
+    specs = [parse_run(primary, teacher_layers=teacher_layers, student_layers=student_layers,
+                       field="tinymim.target / tinymim.teacher_block")]
+    for entry in t.compare:
+        spec = parse_run(entry, teacher_layers=teacher_layers, student_layers=student_layers,
+                         field="tinymim.compare")
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+# ----------------------------------------------------------------------------- models
+
+def student_model(t, teacher_heads: int) -> vit.VisionTransformer:
+    """The headless distillation student of `config.tinymim` (MAE init, drop-path off in the last block)."""
+    overrides = {k: t[k] for k in ("num_layers", "num_heads") if t[k] is not None}
+    layers = overrides.get("num_layers") or vit.variant_config(t.student)["num_layers"]
+    rates = (float(t.drop_path),) * (layers - 1) + (0.0,)
+    return vit.create_vit(t.student, None, last_block_heads=t.last_block_heads or teacher_heads,
+                          posemb=t.posemb, init_style="mae", drop_path_rate=rates, dtype=DTYPES[t.dtype],
+                          **overrides)
+
+
+def split_used(params: Any, model: vit.VisionTransformer, image_size: int) -> tuple[dict, dict]:
+    """`(used, unused)`: the leaves `model`'s forward pass reads, and the rest."""
+    used = set(tree.flatten_params(vit.param_shapes(model, image_size)))
+    missing = used - set(tree.flatten_params(params))
+    if missing:
+        raise ValueError(f"Parameters the model needs are missing: {sorted(missing)[:5]}.")
+    flat = tree.flatten_params(params)
+    return (tree.unflatten_params({k: v for k, v in flat.items() if k in used}),
+            tree.unflatten_params({k: v for k, v in flat.items() if k not in used}))
+
+
+def export_tree(student: vit.VisionTransformer, params: Any, image_size: int, num_classes: int) -> dict:
+    """The student as an AugReg tree: fixed sin-cos `pos_embedding` written out, a zero head added."""
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten_params(params).items()}
+    key = "Transformer/posembed_input/pos_embedding"
+    if key not in flat:
+        grid = image_size // student.patch_size
+        flat[key] = vit.sincos_posemb_2d(student.hidden_size, grid)
+    flat["head/kernel"] = np.zeros((student.hidden_size, num_classes), np.float32)
+    flat["head/bias"] = np.zeros((num_classes,), np.float32)
+    return tree.unflatten_params(flat)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+@dataclasses.dataclass
+class Objective:
+    """The pieces of one target's loss; `loss_fn(train)` has the train-step contract."""
+    spec: RunSpec
+    student: vit.VisionTransformer     # as run in the step (truncated for relations)
+    teacher: vit.VisionTransformer     # as run in the step (truncated for relations)
+    teacher_width: int
+    jitter: float
+
+    def teacher_targets(self, teacher_params, images):
+        """The teacher's side of the loss: q/k/v of its relation block, last-layer CLS, or last-block tokens."""
+        images = images.astype(self.teacher.dtype)
+        if self.spec.target == "relation":
+            _, state = self.teacher.apply({"params": teacher_params}, images, mutable=["qkv"])
+            got = vit.collect_intermediates(state)
+            return {n: got[n][-1] for n in ("query", "key", "value")}
+        _, state = self.teacher.apply({"params": teacher_params}, images, mutable=["tokens"])
+        got = vit.collect_intermediates(state)
+        return got["encoded"][:, 0] if self.spec.target == "cls" else got["tokens"][-1]
+
+    def loss_fn(self, train: bool):
+        projection = nn.Dense(self.teacher_width)
+
+        def loss_fn(params, frozen, batch_stats, batch, rng):
+            images = batch["image"]
+            jitter_rng, dropout_rng = jax.random.split(rng)
+            targets = jax.lax.stop_gradient(self.teacher_targets(frozen["teacher"], images))
+            student_images = color_jitter.color_jitter(jitter_rng, images, self.jitter) if train else images
+            student_params = surgery.merge_partitions(params["student"], frozen["student"])
+            kwargs = dict(train=train, rngs={"dropout": dropout_rng})
+            if self.spec.target == "relation":
+                _, state = self.student.apply({"params": student_params}, student_images, mutable=["qkv"], **kwargs)
+                got = vit.collect_intermediates(state)
+                loss, metrics = relation_losses.relation_loss(
+                    {n: got[n][-1] for n in ("query", "key", "value")}, targets)
+            else:
+                _, state = self.student.apply({"params": student_params}, student_images, mutable=["tokens"],
+                                              **kwargs)
+                encoded = vit.collect_intermediates(state)["encoded"]
+                if self.spec.target == "cls":
+                    loss = relation_losses.cls_loss(projection.apply({"params": params["projection"]},
+                                                                     encoded[:, 0]), targets)
+                else:
+                    loss = relation_losses.feature_loss(projection.apply({"params": params["projection"]},
+                                                                         encoded), targets)
+                metrics = {}
+            return loss, {"batch_stats": batch_stats, "metrics": metrics}
+        return loss_fn
+
+    def init_projection(self, rng, student_width: int) -> dict:
+        if self.spec.target == "relation":
+            return {}
+        return nn.Dense(self.teacher_width).init(rng, jnp.zeros((1, student_width)))["params"]
+
+
+# ----------------------------------------------------------------------------- relation_distill
+
+def distill_lr(t) -> float:
+    """`tinymim.lr`, or blr * batch / 256 (MAE's rule) when it is None."""
+    return float(t.lr) if t.lr is not None else float(t.blr) * t.batch_size / 256
+
+
+def make_distill_tx(t):
+    """AdamW (0.9, adam_b2) with decoupled wd on kernels, linear warmup then cosine."""
+    warmup = common.warmup_steps(t.warmup_steps, t.steps, default_fraction=0.05)
+    schedule = optim.warmup_cosine_schedule(distill_lr(t), t.steps, warmup)
+    return optim.make_optimizer(learning_rate=schedule, weight_decay=t.weight_decay,
+                                grad_clip_norm=t.grad_clip_norm or None, optimizer="adam", adam_betas=(0.9, t.adam_b2))
+
+
+@dataclasses.dataclass
+class DistillSetup:
+    """The teacher, the student and the data every run of the stage shares."""
+    ctx: common.RunContext
+
+    @functools.cached_property
+    def teacher(self) -> tuple[vit.VisionTransformer, Any]:
+        ctx = self.ctx
+        return checkpoints.load_augreg(
+            teacher_lib.teacher_checkpoint_path(ctx), image_size=ctx.config.data.image_size,
+            cache_dir=teacher_lib.teacher_cache_dir(ctx), dtype=DTYPES[ctx.config.teacher.dtype])
+
+    @functools.cached_property
+    def student(self) -> vit.VisionTransformer:
+        t = self.ctx.config.tinymim
+        try:
+            model = student_model(t, self.teacher[0].num_heads)
+        except ValueError as e:
+            raise errors.UserError(f"config.tinymim: {e}") from None
+        teacher = self.teacher[0]
+        if model.patch_size != teacher.patch_size:
+            raise errors.UserError(
+                f"config.tinymim.student {t.student!r} has patch size {model.patch_size} but the teacher "
+                f"({self.ctx.config.teacher.checkpoint}) has {teacher.patch_size}: relations need the same tokens.")
+        return model
+
+    @functools.cached_property
+    def student_init(self) -> Any:
+        size = self.ctx.config.data.image_size
+        return jax.jit(self.student.init)(self.ctx.rng("tinymim", "student-init"),
+                                          jnp.zeros((1, size, size, 3)))["params"]
+
+    @functools.cached_property
+    def eval_batches(self) -> list[dict]:
+        """The first `tinymim.eval_batches` complete eval batches (fixed images for the loss curve)."""
+        t = self.ctx.config.tinymim
+        batches = []
+        for batch in common.eval_data(self.ctx, t.batch_size):
+            if float(batch["mask"].min()) < 1.0:
+                continue
+            batches.append({"image": batch["image"]})
+            if len(batches) == t.eval_batches:
+                break
+        return batches
+
+    def specs(self) -> list[RunSpec]:
+        return run_specs(self.ctx.config.tinymim, teacher_layers=self.teacher[0].num_layers,
+                         student_layers=self.student.num_layers)
+
+    def objective(self, spec: RunSpec) -> Objective:
+        teacher, student = self.teacher[0], self.student
+        if spec.target == "relation":
+            teacher = teacher.clone(qkv_only_block=spec.teacher_block - 1)
+            student = student.clone(qkv_only_block=student.num_layers - 1)
+            last_heads = student.last_block_heads or student.num_heads
+            if last_heads != teacher.num_heads:
+                raise errors.UserError(
+                    f"config.tinymim.last_block_heads is {last_heads} but the teacher has {teacher.num_heads} "
+                    "heads: the student's last-block relations must have the teacher's shape "
+                    "[batch, heads, tokens, tokens]; leave it None (= the teacher's).")
+        else:  # last-layer tokens: no head
+            teacher = teacher.clone(num_classes=None)
+        return Objective(spec, student, teacher, self.teacher[0].hidden_size, float(self.ctx.config.tinymim.color_jitter))
+
+
+def _eval_loss_fn(objective: Objective):
+    loss_fn = objective.loss_fn(train=False)
+
+    def eval_step(state, batch):
+        loss, aux = loss_fn(state.params, state.frozen, state.batch_stats, batch, jax.random.PRNGKey(0))
+        return jax.lax.pmean({"distill_loss": loss, **aux["metrics"]}, "batch")
+    return jax.pmap(eval_step, axis_name="batch")
+
+
+def _evaluate(eval_step, replicated_state, batches) -> dict:
+    values = [jax.device_get(eval_step(replicated_state, b)) for b in batches]
+    return {k: float(np.mean([np.asarray(v[k])[0] for v in values])) for k in values[0]}
+
+
+def distill_run(setup: DistillSetup, spec: RunSpec) -> dict:
+    """Distils one student for one target; resumable; exports `tinymim/<name>/student.npz`."""
+    ctx = setup.ctx
+    t = ctx.config.tinymim
+    run_dir = ctx.path(DISTILL_DIR, spec.name)
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = files.read_json(summary_path)
+    if summary and summary.get("complete"):
+        logging.info("relation_distill/%s: complete, skipping.", spec.name)
+        return summary
+    size = ctx.config.data.image_size
+    objective = setup.objective(spec)
+    teacher_used, _ = split_used(setup.teacher[1], objective.teacher, size)
+    student_trained, student_frozen = split_used(setup.student_init, objective.student, size)
+    params = {"student": student_trained,
+              "projection": objective.init_projection(ctx.rng("tinymim", spec.name, "projection"),
+                                                      setup.student.hidden_size)}
+    tx = make_distill_tx(t)
+    state = state_lib.create_train_state(params, tx, rng=ctx.rng("tinymim", spec.name),
+                                         frozen={"teacher": teacher_used, "student": student_frozen})
+    step_fn = step_lib.pmap_train_step(step_lib.make_train_step(objective.loss_fn(train=True), tx))
+    eval_step = _eval_loss_fn(objective)
+    batches = setup.eval_batches
+    evaluate = (lambda s: _evaluate(eval_step, s, batches)) if batches else None
+    initial = _evaluate(eval_step, devices.replicate(state), batches) if batches else {}
+    make_iter = common.train_iterator_factory(ctx, t.batch_size, seed=ctx.config.seed)
+    final, history = loop.run(
+        common.loop_config(f"relation_distill/{spec.name}", t, t.steps), step_fn=step_fn, state=state,
+        make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")),
+        evaluate=evaluate, writer=ctx.writer)
+    student_params = surgery.merge_partitions(final.params["student"], student_frozen)
+    out = os.path.join(run_dir, "student.npz")
+    common.save_params(out, export_tree(setup.student, student_params, size, ctx.num_classes))
+    summary = {"name": spec.name, "complete": True, "target": spec.target, "teacher_block": spec.teacher_block,
+               "teacher_layers": setup.teacher[0].num_layers, "student": t.student,
+               "paper_only": spec.target in PAPER_ONLY_TARGETS, "steps": t.steps, "lr": distill_lr(t),
+               "initial": initial, "final": history[-1] if history else {}, "history": history,
+               "trained_params": tree.param_count(final.params), "student_checkpoint": out}
+    common.write_json(summary_path, summary)
+    return summary
+
+
+def relation_distill(ctx: common.RunContext) -> dict:
+    """The `relation_distill` stage: every run of `tinymim.target` + `tinymim.compare`."""
+    setup = DistillSetup(ctx)
+    runs = [distill_run(setup, spec) for spec in setup.specs()]
+    return {"runs": runs}
+
+
+# ----------------------------------------------------------------------------- finetune_student
+
+def finetune_drop_path(rate: float, num_layers: int) -> tuple[float, ...]:
+    """timm's stochastic-depth rule for fine-tuning: linearly from 0 to `rate` over the blocks."""
+    return tuple(float(r) for r in np.linspace(0.0, rate, num_layers))
+
+
+def scratch_checkpoint(ctx: common.RunContext, setup: DistillSetup) -> str:
+    """The scratch student: the distillation students' architecture and init, saved like them."""
+    path = ctx.path(DISTILL_DIR, SCRATCH, "student.npz")
+    if not files.exists(path):
+        common.save_params(path, export_tree(setup.student, setup.student_init, ctx.config.data.image_size,
+                                             ctx.num_classes))
+    # Process 0 wrote it; every host reads it.
+    multihost_utils.sync_global_devices("finetune_student: scratch student written")
+    return path
+
+
+def finetune_one(ctx: common.RunContext, name: str, checkpoint: str) -> dict:
+    """Fine-tunes one student npz (classifier machinery of train/teacher.py); resumable."""
+    f = ctx.config.student_finetune
+    run_dir = ctx.path(FINETUNE_DIR, name)
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = files.read_json(summary_path)
+    if summary and summary.get("complete"):
+        logging.info("finetune_student/%s: complete, skipping.", name)
+        return summary
+    size = ctx.config.data.image_size
+    model, params = checkpoints.load_augreg(checkpoint, num_classes=ctx.num_classes, image_size=size,
+                                            dtype=DTYPES[f.dtype])
+    model = model.clone(drop_path_rate=finetune_drop_path(f.drop_path, model.num_layers))
+    setup = teacher_lib.setup_finetune(model, params, "full", ctx.rng("finetune_student", "surgery"), image_size=size)
+    # One seed name for every student: the same data order and dropout keys for all rows.
+    _, history = teacher_lib.train_classifier(
+        ctx, f"finetune_student/{name}", setup, f, steps=f.steps, sam_rho=0.0, sync_perturbations=False,
+        accum_steps=1, run_dir=run_dir, seed_name="finetune_student")
+    summary = {"name": name, "complete": True, "checkpoint": checkpoint, "eval": history[-1] if history else {},
+               "eval_history": history}
+    common.write_json(summary_path, summary)
+    return summary
+
+
+def results_table(rows: list[dict], metric: str) -> str:
+    """Markdown: run, target, teacher block, distillation loss before/after, fine-tuned metric."""
+    lines = [f"| student | target | teacher block | distill loss (init -> final) | fine-tuned {metric} |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        target = r["target"] + (" (paper's description, not released code)" if r.get("paper_only") else "")
+        block = "-" if r.get("teacher_block") is None else f"{r['teacher_block']} of {r['teacher_layers']}"
+        loss = "-"
+        if r.get("initial") and r.get("final"):
+            loss = f"{r['initial']['distill_loss']:.4f} -> {r['final']['distill_loss']:.4f}"
+        value = r["finetune"].get(metric)
+        lines.append(f"| {r['name']} | {target} | {block} | {loss} | "
+                     f"{'-' if value is None else f'{100 * value:.2f}'} |")
+    return "\n".join(lines)
+
+
+def finetune_student(ctx: common.RunContext) -> dict:
+    """The `finetune_student` stage: every distilled student, then the scratch baseline."""
+    distilled = []
+    setup = DistillSetup(ctx)
+    for spec in setup.specs():
+        summary = files.read_json(ctx.path(DISTILL_DIR, spec.name, "summary.json"))
+        if not (summary and summary.get("complete")):
+            raise errors.UserError(
+                f"No distilled student {spec.name!r} in {ctx.path(DISTILL_DIR)}; run the 'relation_distill' stage "
+                "first (put it before 'finetune_student' in config.stages).")
+        distilled.append(summary)
+    rows = []
+    for summary in distilled:
+        rows.append({**{k: summary[k] for k in ("name", "target", "teacher_block", "teacher_layers", "paper_only",
+                                                 "initial", "final")},
+                     "finetune": finetune_one(ctx, summary["name"], summary["student_checkpoint"])["eval"]})
+    if ctx.config.student_finetune.scratch_baseline:
+        result = finetune_one(ctx, SCRATCH, scratch_checkpoint(ctx, setup))
+        rows.append({"name": SCRATCH, "target": SCRATCH, "teacher_block": None, "paper_only": False,
+                     "finetune": result["eval"]})
+    metric = ctx.metric
+    table = results_table(rows, metric)
+    common.write_text(ctx.path("results.md"), table + "\n")
+    if common.is_chief():
+        print(table)
+    return {"rows": rows, "metric": metric}

@@ -1,0 +1,60 @@
+"""configs/tinymim_digits.py end to end at a reduced size: pretrain -> every distillation row -> fine-tunes."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+
+from configs import tinymim_digits
+from remem_jax import checkpoints, main
+
+
+def reduced_config():
+    c = tinymim_digits.get_config()
+    c.data.image_size = 16  # 2 x 2 patches of 8 px
+    c.pretrain.update(dict(num_layers=2, steps=4, batch_size=16, warmup_steps=1, checkpoint_every=4, log_every=4))
+    c.tinymim.update(dict(num_layers=1, steps=6, batch_size=16, lr=3e-3, warmup_steps=0, eval_batches=1,
+                          checkpoint_every=6, log_every=6))
+    c.student_finetune.update(dict(steps=2, batch_size=16, warmup_steps=0, checkpoint_every=2, log_every=2))
+    return c
+
+
+@pytest.fixture
+def persistent_cache(tmp_path):
+    """The five fine-tunes compile the same step: a persistent cache compiles it once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax_compilation_cache.reset_cache()  # decided once per process otherwise
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+def test_tinymim_digits_end_to_end(tmp_path, persistent_cache):
+    results = main.run(reduced_config(), str(tmp_path / "run"))
+    runs = results["relation_distill"]["runs"]
+    # Teacher 2 blocks, student 1: the default relation block is floor(0.75 * 2) = 1, then the last.
+    assert [r["name"] for r in runs] == ["relation_block1", "relation_block2", "cls", "feature"]
+    for r in runs:
+        assert r["final"]["distill_loss"] < r["initial"]["distill_loss"], r["name"]
+        model, _ = checkpoints.load_augreg(r["student_checkpoint"], num_classes=10)
+        assert (model.num_layers, model.num_heads, model.last_block_heads) == (1, 3, None)  # the last block: teacher heads
+    assert not runs[0]["paper_only"] and runs[2]["paper_only"] and runs[3]["paper_only"]
+
+    rows = results["finetune_student"]["rows"]
+    assert [r["name"] for r in rows] == ["relation_block1", "relation_block2", "cls", "feature", "scratch"]
+    for r in rows:
+        assert r["finetune"]["num_examples"] == 450 and np.isfinite(r["finetune"]["top1"])
+    table = open(tmp_path / "run" / "results.md").read()
+    assert "| relation_block1 | relation | 1 of 2 |" in table and "| scratch |" in table
+    assert "paper's description, not released code" in table
+    assert set(json.load(open(tmp_path / "run" / "results.json"))) >= {"relation_distill", "finetune_student"}
+
+    again = main.run(reduced_config(), str(tmp_path / "run"))  # everything is complete: nothing is redone
+    assert again["finetune_student"]["rows"] == rows
