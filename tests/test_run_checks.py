@@ -114,7 +114,9 @@ def test_shared_fields_protect_every_started_stage():
     assert workdir_lib.config_changes(old, {"seed": 1, "data": {"image_size": 32}, "stages": ("finetune_teacher",)}) \
         == {"seed": [0, 1]}
     assert workdir_lib.stages_reading("data.image_size", ["a", "b"]) == ("a", "b")
-    assert workdir_lib.stages_reading("teacher.checkpoint", ["a"]) == ("finetune_teacher", "relation_distill")
+    assert workdir_lib.stages_reading("teacher.checkpoint", ["a"]) == ("finetune_teacher", "relation_distill",
+                                                                      "fewshot_distill")
+    assert workdir_lib.stages_reading("wecolora.d", ["a"]) == ("fewshot_distill",)
     assert workdir_lib.is_result_neutral("distill.log_every") and not workdir_lib.is_result_neutral("data.image_size")
 
 
