@@ -30,11 +30,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def stage_functions():
     """Stage name -> function(RunContext) -> results dict."""
+    from remem_jax.analysis import stage as analysis_stage
     from remem_jax.train import distill, teacher
     return {
         "pretrain_teacher": teacher.pretrain_teacher,
         "finetune_teacher": teacher.finetune_teacher,
         "distill_student": distill.distill_student,
+        "analyze": analysis_stage.analyze,
     }
 
 

@@ -42,6 +42,7 @@ _FIELD_STAGES = {
     "pretrain.": ("pretrain_teacher",),
     "finetune.": ("finetune_teacher",),
     "distill.": ("distill_student",),
+    "analysis.": ("analyze",),
     "teacher.checkpoint": ("finetune_teacher",),
     "teacher.dtype": ("distill_student",),
 }

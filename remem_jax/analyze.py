@@ -1,0 +1,55 @@
+"""Runs the analyses on ViT teachers: `python -m remem_jax.analyze --config=CONFIG --workdir=DIR`.
+
+  python -m remem_jax.analyze --config=configs/analysis_digits.py --workdir=/tmp/analysis_digits
+  python -m remem_jax.analyze --config=configs/remem.py:cifar100 --workdir=/tmp/a \\
+      --config.analysis.checkpoints=B_16,/path/teacher.npz --config.analysis.tools=mi,expertness
+
+A config whose `stages` include `analyze` runs as a pipeline (`remem_jax.main.run`: the earlier
+stages, e.g. the teachers' pretraining and fine-tuning, then `analyze`, which reads the teachers
+they kept). Any other config runs the `analyze` stage alone, on `config.analysis.checkpoints`
+(or the teachers already kept in DIR). Outputs: DIR/analysis/*.json, analysis.md and PNG plots;
+see `remem_jax.analysis.stage`. Mistakes in the input end with one line
+`remem_jax: error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+STAGE = "analyze"
+
+
+def analysis_config(config):
+    """`config` as run by this command: unchanged if its stages include `analyze`, else `analyze` alone."""
+    if STAGE in tuple(config.stages):
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.stages = (STAGE,)
+    return config
+
+
+def _flags():
+    from absl import flags
+    from ml_collections import config_flags
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                                  lock_config=True),
+        "workdir": flags.DEFINE_string("workdir", None, "Directory for the outputs (DIR/analysis/)."),
+        "allow_config_change": flags.DEFINE_bool(
+            "allow_config_change", False, "Continue a workdir although fields that alter results of its started "
+            "stages changed (see remem_jax.main)."),
+    }
+
+
+def main(argv, flag_values) -> None:
+    del argv
+    from remem_jax import errors
+    for name in ("config", "workdir"):
+        if flag_values[name].value is None:
+            raise errors.UserError(f"--{name} is required.")
+    from remem_jax import main as main_lib
+    main_lib.run(analysis_config(flag_values["config"].value), flag_values["workdir"].value,
+                 allow_config_change=flag_values["allow_config_change"].value)
+
+
+if __name__ == "__main__":
+    from remem_jax import cli
+    cli.run(main, _flags)
