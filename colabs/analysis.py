@@ -28,9 +28,10 @@
 # 3. the **information-plane plot**.
 #
 # The same runs from the command line: `python -m remem_jax.analyze --config=... --workdir=DIR`
-# (see the README). With `REMEM_SMOKE=1` the notebook switches to tiny offline settings: two
-# digits teachers (vanilla and ReMem fine-tunes of a small ViT trained first) and a short decoder
-# training, so that CI runs it on a CPU in about a minute.
+# (see the README). With `REMEM_SMOKE=1` the notebook switches to tiny offline settings: a small
+# ViT trained on digits first and its ReMem-reweighted copy (MLP weight 0.8 folded into the
+# weights, training-free) as the two teachers, and a short decoder training, so that CI runs it
+# on a CPU in about a minute.
 
 # %% Install (skipped when remem_jax is already importable, e.g. in a checkout or in CI)
 import importlib.util
@@ -59,10 +60,10 @@ SMOKE = os.environ.get("REMEM_SMOKE") == "1"  # CI: tiny, offline, CPU
 
 if SMOKE:
     DATASET = "digits"           # scikit-learn's bundled digits: no download
-    CHECKPOINTS = None           # None: train two tiny teachers first (vanilla and ReMem fine-tunes)
+    CHECKPOINTS = None           # None: train a tiny teacher first; the second is its ReMem-reweighted copy
     IMAGE_SIZE = 16
-    NUM_IMAGES, NUM_TRAIN_IMAGES = 64, 128
-    DECODER_CHANNELS, DECODER_STEPS = (16,), 40
+    NUM_IMAGES, NUM_TRAIN_IMAGES = 48, 64
+    DECODER_CHANNELS, DECODER_STEPS = (8,), 20
     WORKDIR = tempfile.mkdtemp(prefix="remem_analysis_smoke_")
 else:
     DATASET = "cifar100"         # any name of remem_jax.data.registry; TFDS downloads it
@@ -86,14 +87,9 @@ config.analysis.update(dict(
     checkpoints=CHECKPOINTS or "", tools="mi,expertness", mi_layers="encoded", num_images=NUM_IMAGES,
     num_train_images=NUM_TRAIN_IMAGES, decoder_channels=DECODER_CHANNELS, decoder_steps=DECODER_STEPS))
 if SMOKE:
-    # Two teachers to compare: a tiny ViT trained from scratch, then fine-tuned vanilla and with ReMem.
-    config.stages = ("pretrain_teacher", "finetune_teacher", "analyze")
-    config.teacher.checkpoint = "pretrain"
     config.data.update(dict(random_flip=False, crop_area_min=0.7, shuffle_buffer=512))
-    config.pretrain.update(dict(variant="Ti_8", num_layers=1, steps=20, batch_size=16, lr=3e-3,
-                                checkpoint_every=20, log_every=20))
-    config.finetune.update(dict(steps=2, keep_steps=(2,), batch_size=16, lr=0.01, warmup_steps=0, eval_every=0,
-                                checkpoint_every=2, log_every=2))
+    config.pretrain.update(dict(variant="Ti_8", num_layers=1, steps=10, batch_size=16, lr=3e-3,
+                                checkpoint_every=10, log_every=10))
     config.analysis.batch_size = 16
 else:
     from remem_jax.data import registry
@@ -104,16 +100,26 @@ else:
 
         tfds.builder(spec.tfds_name, data_dir=config.data.data_dir).download_and_prepare()
 
+# %% Smoke settings only: the two teachers (a tiny ViT trained from scratch, and its ReMem-reweighted copy)
+from remem_jax import checkpoints, main, surgery
+
+if SMOKE:
+    config.stages = ("pretrain_teacher",)
+    main.run(config, WORKDIR)
+    plain = os.path.join(WORKDIR, "pretrain", "teacher.npz")
+    model, params = checkpoints.load_augreg(plain)
+    reweighted = os.path.join(WORKDIR, "reweighted_alpha0.8.npz")
+    checkpoints.save_augreg(reweighted, surgery.fold_reweighting(params, mlp_alpha=0.8, num_layers=model.num_layers))
+    config.stages = ("analyze",)
+    config.analysis.checkpoints = f"{plain},{reweighted}"
+
 # %% [markdown]
 # ## Run the analyses
 #
-# `main.run` checks the config, runs the stages (in the smoke settings: the two teachers first)
-# and then `analyze`, which writes `WORKDIR/analysis/`: `mi.json`, `expertness.json`,
+# `main.run` checks the config and runs the `analyze` stage, which writes `WORKDIR/analysis/`: `mi.json`, `expertness.json`,
 # `analysis.json`, `analysis.md` and the PNG plots. A re-run reuses every finished checkpoint.
 
 # %%
-from remem_jax import main
-
 results = main.run(config, WORKDIR)
 for row in results["analyze"]["checkpoints"]:
     print(f"{row['label']:>16}: {results['analyze']['metric']} {100 * row[results['analyze']['metric']]:.2f}%, "
@@ -148,7 +154,6 @@ for name in ("information_plane.png", "expertness.png"):
 # tokens, called directly (`features` collects the sown intermediates of a frozen ViT).
 
 # %%
-from remem_jax import checkpoints
 from remem_jax.analysis import features
 from remem_jax.analysis import mutual_information as mi
 from remem_jax.analysis import stage

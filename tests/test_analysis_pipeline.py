@@ -9,15 +9,17 @@ PLOTS = ("information_plane.png", "mi_per_layer.png", "expertness.png", "critica
 
 
 def reduced_config():
+    """Every stage and tool at its smallest: a 1-block ViT, two kept steps per setting, a few updates."""
     c = analysis_digits.get_config()
     c.data.image_size = 16  # Ti_8 patches: a 2x2 grid
-    c.pretrain.update(dict(num_layers=2, steps=60, batch_size=32, lr=3e-3, warmup_steps=5, checkpoint_every=60,
-                           log_every=30))
-    c.finetune.update(dict(steps=8, keep_steps=(4, 8), batch_size=32, warmup_steps=1, eval_every=0,
-                           checkpoint_every=8, log_every=4))
-    c.analysis.update(dict(num_images=64, num_train_images=64, batch_size=32, decoder_channels=(8,),
-                           decoder_steps=10, decoder_batch_size=32, criticality_images=8, criticality_max_neurons=16,
-                           criticality_chunk=8, prune_max_blocks=1, prune_finetune_steps=2, rollout_images=2))
+    c.pretrain.update(dict(num_layers=1, steps=20, batch_size=32, lr=3e-3, warmup_steps=2, checkpoint_every=20,
+                           log_every=10))
+    c.finetune.update(dict(steps=2, keep_steps=(1, 2), batch_size=16, warmup_steps=0, eval_every=0,
+                           checkpoint_every=2, log_every=1))
+    c.analysis.update(dict(num_images=48, num_train_images=48, batch_size=16, decoder_channels=(8,),
+                           decoder_steps=5, decoder_batch_size=16, criticality_images=8, criticality_max_neurons=16,
+                           criticality_chunk=16, prune_branches="mlp", prune_max_blocks=1, prune_finetune_steps=1,
+                           rollout_images=2))
     return c
 
 
@@ -26,24 +28,26 @@ def test_analysis_digits_end_to_end(tmp_path):
     out = tmp_path / "analysis"
     summary = results["analyze"]
     labels = [c["label"] for c in summary["checkpoints"]]
-    assert labels == ["remem_step4", "remem_step8", "vanilla_step4", "vanilla_step8"]
+    assert labels == ["remem_step1", "remem_step2", "vanilla_step1", "vanilla_step2"]
     for name in PLOTS:
         assert os.path.getsize(out / name) > 0, name
     for tool in ("mi", "expertness", "criticality", "pruning", "rollout"):
         assert set(json.load(open(out / f"{tool}.json"))) <= set(labels), tool
     full = json.load(open(out / "analysis.json"))["results"]
     by_label = {r["label"]: r for r in full}
-    # mi_layers='all': each of the 2 blocks, then the encoded tokens.
-    assert [m["layer"] for m in by_label["remem_step8"]["mi"]] == [0, 1, "encoded"]
-    assert [e["block"] for e in by_label["remem_step8"]["expertness"]] == [0, 1]
+    # mi_layers='all': the block, then the encoded tokens.
+    assert [m["layer"] for m in by_label["remem_step2"]["mi"]] == [0, "encoded"]
+    assert [e["block"] for e in by_label["remem_step2"]["expertness"]] == [0]
+    assert by_label["remem_step2"]["criticality"][0]["num_neurons"] == 16
     # Pruning only on the last teacher of each setting; k = 0 is the unpruned teacher.
-    assert "pruning" not in by_label["remem_step4"] and "pruning" in by_label["remem_step8"]
-    rows = by_label["vanilla_step8"]["pruning"]
-    assert [(r["branch"], r["k"]) for r in rows] == [("attn", 0), ("attn", 1), ("mlp", 0), ("mlp", 1)]
-    assert rows[0]["top1"] == by_label["vanilla_step8"]["eval"]["top1"]
+    assert "pruning" not in by_label["remem_step1"] and "pruning" in by_label["remem_step2"]
+    rows = by_label["vanilla_step2"]["pruning"]
+    assert [(r["branch"], r["k"]) for r in rows] == [("mlp", 0), ("mlp", 1)]
+    assert rows[0]["top1"] == by_label["vanilla_step2"]["eval"]["top1"]
     assert rows[1]["finetuned"] and not rows[0]["finetuned"]
+    assert by_label["vanilla_step2"]["rollout"]["max_row_sum_error"] < 1e-9
     md = open(out / "analysis.md").read()
-    assert "| remem_step8 | encoded |" in md and "Compare only rows of equal feature shape" in md
+    assert "| remem_step2 | encoded |" in md and "Compare only rows of equal feature shape" in md
 
     # A second run reuses every checkpoint's results.
     again = main.run(analyze.analysis_config(reduced_config()), str(tmp_path))
