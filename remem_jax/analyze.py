@@ -27,16 +27,10 @@ def analysis_config(config):
 
 
 def _flags():
-    from absl import flags
-    from ml_collections import config_flags
-    return {
-        "config": config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                                  lock_config=True),
-        "workdir": flags.DEFINE_string("workdir", None, "Directory for the outputs (DIR/analysis/)."),
-        "allow_config_change": flags.DEFINE_bool(
-            "allow_config_change", False, "Continue a workdir although fields that alter results of its started "
-            "stages changed (see remem_jax.main)."),
-    }
+    # remem_jax.main defines --config, --workdir and --allow_config_change when imported: the same flags here.
+    from remem_jax import main as main_lib
+    return {"config": main_lib._CONFIG, "workdir": main_lib._WORKDIR,
+            "allow_config_change": main_lib._ALLOW_CONFIG_CHANGE}
 
 
 def main(argv, flag_values) -> None:

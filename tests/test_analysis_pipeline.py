@@ -1,6 +1,10 @@
 """configs/analysis_digits.py end to end at reduced size: teachers trained, then every analysis tool."""
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from configs import analysis_digits
 from remem_jax import analyze, main
@@ -52,3 +56,25 @@ def test_analysis_digits_end_to_end(tmp_path):
     # A second run reuses every checkpoint's results.
     again = main.run(analyze.analysis_config(reduced_config()), str(tmp_path))
     assert again["analyze"]["checkpoints"] == summary["checkpoints"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.analysis.tools=mi,nope"], "config.analysis.tools must be a comma list of mi, expertness, criticality, "
+     "pruning, rollout, got 'mi,nope'"),
+    # A non-pipeline config runs `analyze` alone: without kept teachers or checkpoints it says what to pass.
+    (["--config.stages=('distill_student',)"], "config.analysis.checkpoints is empty and no kept teachers"),
+    (["--config.stages=('distill_student',)", "--config.analysis.checkpoints=/no/such.npz"],
+     "Checkpoint file '/no/such.npz' does not exist"),
+])
+def test_command_line_mistakes_end_with_one_line(tmp_path, overrides, message):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "remem_jax.analyze", "--config=configs/analysis_digits.py",
+           f"--workdir={tmp_path}", *overrides]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("remem_jax: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
