@@ -3,8 +3,8 @@
 First the digits pipeline's own teacher stages at small step counts (a small ViT pretrained from
 scratch, then fine-tuned vanilla and with ReMem, teachers kept at three steps each), then the
 `analyze` stage on the six kept teachers: MI from every layer, expertness of every block,
-criticality of the top block's neurons, a top-down pruning sweep on the last teacher of each
-setting, and attention rollout.
+criticality of the top block's neurons, a top-down pruning sweep (top attention or MLP branch
+removed, 10 fine-tuning steps) on the last teacher of each setting, and attention rollout.
 
 Run (about 6 minutes on 2 CPU cores):
   python -m remem_jax.analyze --config=configs/analysis_digits.py --workdir=/tmp/analysis_digits
@@ -29,13 +29,13 @@ def get_config():
 
     a = c.analysis
     a.num_images = 256
-    a.num_train_images = 768
+    a.num_train_images = 512
     a.mi_layers = "all"
-    a.decoder_channels = (64, 32, 16)  # 4x4 patch grid -> 8 -> 16 -> 32 px
-    a.decoder_steps = 300
+    a.decoder_channels = (32, 16, 8)  # 4x4 patch grid -> 8 -> 16 -> 32 px
+    a.decoder_steps = 150
     a.decoder_batch_size = 64
     a.criticality_images = 32
-    a.prune_max_blocks = 2
-    a.prune_finetune_steps = 20
+    a.prune_max_blocks = 1
+    a.prune_finetune_steps = 10
     a.prune_checkpoints = "last"
     return c
