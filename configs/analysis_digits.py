@@ -6,11 +6,12 @@ scratch, then fine-tuned vanilla and with ReMem, teachers kept at three steps ea
 criticality of the top block's neurons, a top-down pruning sweep (top attention or MLP branch
 removed, 10 fine-tuning steps) on the last teacher of each setting, and attention rollout.
 
-Run (about 6 minutes on 2 CPU cores):
+Run (measured on a 2-core machine shared with other jobs, load 6-8: teacher stages about 11
+minutes, `analyze` 21 minutes wall / 16 CPU-minutes; far above the 8-minute target):
   python -m remem_jax.analyze --config=configs/analysis_digits.py --workdir=/tmp/analysis_digits
 
 Outputs: /tmp/analysis_digits/analysis/{analysis.md, *.json, *.png}. Expected: teachers far above
-chance (10%); MI estimates far above the noise level (0 nats), see the README for a measured run.
+chance (10%); MI estimates far above the noise level (0 nats); see the README for a measured run.
 """
 from configs import digits
 
