@@ -192,4 +192,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.student_finetune.eval_every = 0  # steps between evaluations (0: only at the end)
     c.student_finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
     c.student_finetune.log_every = 100  # steps between progress lines / summaries
+    # --- analyze stage (remem_jax/analysis; python -m remem_jax.analyze): MI, expertness, criticality, pruning, rollout ---
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.checkpoints = ""        # comma list of AugReg npz paths or names; "" = the teachers finetune_teacher kept (DIR/finetune/<setting>/kept.json)
+    c.analysis.kept_steps = "all"      # with checkpoints "": 'all' kept steps of each setting, or the 'last' of each
+    c.analysis.tools = "mi,expertness,criticality,pruning,rollout"  # comma list of the tools to run (remem_jax/analysis/stage.py TOOLS)
+    c.analysis.num_images = 512        # held-out images (first of the eval split): MI scoring, expertness, criticality, rollout
+    c.analysis.num_train_images = 2048  # train-split images (eval preprocessing) the MI decoder is trained on
+    c.analysis.batch_size = 64         # images per forward pass (rounded up to a multiple of the device count)
+    c.analysis.mi_layers = "encoded"   # MI from: 'encoded' (after encoder_norm), 'all' (every block, then encoded) or e.g. '0,5,encoded'
+    c.analysis.decoder_channels = (256, 128, 64)  # MI decoder: widths of the upsample+conv+BN+ReLU stages (a last conv gives 3 channels + sigmoid)
+    c.analysis.decoder_steps = 5000    # MI decoder: AdamW updates (fixed number)
+    c.analysis.decoder_batch_size = 64  # MI decoder: minibatch size
+    c.analysis.decoder_lr = 1e-3       # MI decoder: AdamW learning rate (constant)
+    c.analysis.decoder_weight_decay = 1e-4  # MI decoder: decoupled weight decay on kernels
+    c.analysis.expertness_blocks = "all"  # blocks whose MLP expertness is measured: 'all' or e.g. '-3,-2,-1'
+    c.analysis.criticality_blocks = "-1"  # blocks whose MLP neurons are switched off one at a time: 'all' or e.g. '-1'
+    c.analysis.criticality_images = 64  # held-out images the max of criticality runs over
+    c.analysis.criticality_max_neurons = ml_collections.FieldReference(None, field_type=int)  # None: every MLP neuron; n: the first n
+    c.analysis.criticality_chunk = 64  # neurons per vmapped forward pass
+    c.analysis.criticality_top_k = 20  # most critical neurons listed per block
+    c.analysis.prune_branches = "attn,mlp"  # branches of the pruning sweep: 'attn', 'mlp' or both
+    c.analysis.prune_max_blocks = 4    # K: the sweep prunes the top k = 0..K blocks' branch
+    c.analysis.prune_finetune_steps = 0  # 0: measure pruned models as they are; n: fine-tune each n steps first (config.finetune optimizer, no SAM)
+    c.analysis.prune_checkpoints = "last"  # pruning sweep on 'all' checkpoints or the 'last' of each setting (of the list)
+    c.analysis.rollout_images = 4      # eval images shown with their attention-rollout maps
     return c

@@ -10,6 +10,8 @@ from typing import Iterable, Optional
 import ml_collections
 
 from remem_jax import export, optim, surgery
+from remem_jax.analysis import pruning as analysis_pruning
+from remem_jax.analysis import stage as analysis_stage
 from remem_jax.data import registry
 from remem_jax.dtypes import DTYPES
 from remem_jax.errors import UserError
@@ -252,3 +254,34 @@ def _validate_student_finetune(config) -> None:
     _check(f.grad_clip_norm >= 0, "student_finetune.grad_clip_norm", ">= 0 (0: no clipping)", f.grad_clip_norm)
     _check(0.0 <= f.drop_path < 1.0, "student_finetune.drop_path", "in [0, 1)", f.drop_path)
     _one_of("student_finetune.dtype", f.dtype, DTYPES)
+    if "analyze" in stages:
+        _analysis(config)
+    _one_of("teacher.dtype", config.teacher.dtype, DTYPES)
+
+
+def _analysis(config) -> None:
+    a = config.analysis
+    tools = [t.strip() for t in str(a.tools).split(",") if t.strip()]
+    _check(bool(tools) and all(t in analysis_stage.TOOLS for t in tools), "analysis.tools",
+           f"a comma list of {', '.join(analysis_stage.TOOLS)}", a.tools)
+    _check(isinstance(a.checkpoints, str), "analysis.checkpoints", "a comma-separated string of npz paths or names "
+           "('' = the kept teachers)", a.checkpoints)
+    _one_of("analysis.kept_steps", a.kept_steps, analysis_stage.KEPT_SELECTIONS)
+    _one_of("analysis.prune_checkpoints", a.prune_checkpoints, analysis_stage.PRUNE_SELECTIONS)
+    for name in ("num_images", "num_train_images", "batch_size", "decoder_steps", "decoder_batch_size",
+                 "criticality_images", "criticality_chunk", "criticality_top_k", "rollout_images"):
+        _positive_int(config, f"analysis.{name}")
+    _optional_positive_int(config, "analysis.criticality_max_neurons", "every neuron")
+    _check(a.decoder_lr > 0, "analysis.decoder_lr", "> 0", a.decoder_lr)
+    _check(a.decoder_weight_decay >= 0, "analysis.decoder_weight_decay", ">= 0", a.decoder_weight_decay)
+    _check(len(tuple(a.decoder_channels)) > 0 and all(_is_int(c) and c > 0 for c in a.decoder_channels),
+           "analysis.decoder_channels", "a non-empty tuple of positive integers", a.decoder_channels)
+    branches = [b.strip() for b in str(a.prune_branches).split(",") if b.strip()]
+    _check(bool(branches) and all(b in analysis_pruning.BRANCHES for b in branches), "analysis.prune_branches",
+           f"a comma list of {', '.join(analysis_pruning.BRANCHES)}", a.prune_branches)
+    for name in ("prune_max_blocks", "prune_finetune_steps"):
+        value = a[name]
+        _check(_is_int(value) and value >= 0, f"analysis.{name}", "an integer >= 0", value)
+    if a.prune_finetune_steps and "pruning" in tools:
+        _positive_int(config, "finetune.batch_size")
+        _check(config.finetune.lr > 0, "finetune.lr", "> 0 (the pruning sweep's fine-tune uses it)", config.finetune.lr)

@@ -30,6 +30,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def stage_functions():
     """Stage name -> function(RunContext) -> results dict."""
+    from remem_jax.analysis import stage as analysis_stage
     from remem_jax.train import distill, linear_probe, teacher, tinymim, wecolora
     return {
         "pretrain_teacher": teacher.pretrain_teacher,
@@ -39,6 +40,7 @@ def stage_functions():
         "linear_probe": linear_probe.linear_probe,
         "relation_distill": tinymim.relation_distill,
         "finetune_student": tinymim.finetune_student,
+        "analyze": analysis_stage.analyze,
     }
 
 

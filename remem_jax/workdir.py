@@ -40,7 +40,7 @@ RESULT_NEUTRAL_FIELDS = (
 # data.*) is read by every stage. While no reading stage has started, a field may change.
 _FIELD_STAGES = {
     "pretrain.": ("pretrain_teacher",),
-    "finetune.": ("finetune_teacher",),
+    "finetune.": ("finetune_teacher", "analyze"),  # analyze reads the kept settings and the prune fine-tune optimizer
     "distill.": ("distill_student",),
     "teacher.checkpoint": ("finetune_teacher", "relation_distill", "fewshot_distill"),
     "teacher.dtype": ("distill_student", "relation_distill", "fewshot_distill", "linear_probe"),
@@ -48,6 +48,7 @@ _FIELD_STAGES = {
     "linear_probe.": ("linear_probe",),
     "tinymim.": ("relation_distill", "finetune_student"),  # finetune_student re-reads the run list
     "student_finetune.": ("finetune_student",),
+    "analysis.": ("analyze",),
 }
 _ABSENT = "<absent>"
 
