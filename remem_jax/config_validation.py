@@ -205,6 +205,8 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _validate_tinymim(config)
     if "finetune_student" in stages:
         _validate_student_finetune(config)
+    if "analyze" in stages:
+        _analysis(config)
     _one_of("teacher.dtype", config.teacher.dtype, DTYPES)
 
 
@@ -254,9 +256,6 @@ def _validate_student_finetune(config) -> None:
     _check(f.grad_clip_norm >= 0, "student_finetune.grad_clip_norm", ">= 0 (0: no clipping)", f.grad_clip_norm)
     _check(0.0 <= f.drop_path < 1.0, "student_finetune.drop_path", "in [0, 1)", f.drop_path)
     _one_of("student_finetune.dtype", f.dtype, DTYPES)
-    if "analyze" in stages:
-        _analysis(config)
-    _one_of("teacher.dtype", config.teacher.dtype, DTYPES)
 
 
 def _analysis(config) -> None:
