@@ -415,12 +415,10 @@ def benchmark_mode(options: BenchmarkOptions, mode: str, batch: Any, devices: Se
         setup = build_distill(options)
     elif mode in ("fewshot_distill", "fewshot_full"):
         setup = build_fewshot(options, mode)
-    else:
-        setup = build_finetune(options, mode)
-    if mode == "relation_distill":
+    elif mode == "relation_distill":
         setup = build_relation_distill(options)
     else:
-        setup = build_distill(options) if mode == "distill" else build_finetune(options, mode)
+        setup = build_finetune(options, mode)
     n = len(devices)
     state = device_lib.replicate(setup.state, AXIS, devices)
     record: dict[str, Any] = {
