@@ -1,10 +1,7 @@
 """configs/tinymim_digits.py end to end at a reduced size: pretrain -> every distillation row -> fine-tunes."""
 import json
 
-import jax
 import numpy as np
-import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from configs import tinymim_digits
 from remem_jax import checkpoints, main
@@ -20,23 +17,7 @@ def reduced_config():
     return c
 
 
-@pytest.fixture
-def persistent_cache(tmp_path):
-    """The five fine-tunes compile the same step: a persistent cache compiles it once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax_compilation_cache.reset_cache()  # decided once per process otherwise
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    jax_compilation_cache.reset_cache()
-
-
-def test_tinymim_digits_end_to_end(tmp_path, persistent_cache):
+def test_tinymim_digits_end_to_end(tmp_path):
     results = main.run(reduced_config(), str(tmp_path / "run"))
     runs = results["relation_distill"]["runs"]
     # Teacher 2 blocks, student 1: the default relation block is floor(0.75 * 2) = 1, then the last.
