@@ -94,15 +94,20 @@ def residual_factor(weight: float, mode: str) -> float:
     raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {mode!r}.")
 
 
-def per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
-    """Expands a scalar or per-block sequence of factors to one float per block."""
+def _one_per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
+    """A number repeated `num_layers` times, or a sequence of exactly `num_layers` numbers, as floats."""
     if isinstance(value, (int, float)):
-        values = (float(value),) * num_layers
-    else:
-        values = tuple(float(v) for v in value)
+        return (float(value),) * num_layers
+    values = tuple(float(v) for v in value)
     if len(values) != num_layers:
         raise ValueError(f"{field} must be a number or have one entry per block "
                          f"({num_layers}), got {len(values)} entries.")
+    return values
+
+
+def per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
+    """Expands a scalar or per-block sequence of factors to one float per block."""
+    values = _one_per_block(value, num_layers, field)
     for v in values:
         if not 0.0 < v <= 2.0:
             raise ValueError(f"{field} entries must lie in (0, 2], got {v}.")
@@ -111,13 +116,7 @@ def per_block(value: BlockFactor, num_layers: int, field: str) -> tuple[float, .
 
 def per_block_rates(value: BlockFactor, num_layers: int, field: str) -> tuple[float, ...]:
     """Expands a scalar or per-block sequence of rates in [0, 1) to one float per block."""
-    if isinstance(value, (int, float)):
-        values = (float(value),) * num_layers
-    else:
-        values = tuple(float(v) for v in value)
-    if len(values) != num_layers:
-        raise ValueError(f"{field} must be a number or have one entry per block "
-                         f"({num_layers}), got {len(values)} entries.")
+    values = _one_per_block(value, num_layers, field)
     bad = [v for v in values if not 0.0 <= v < 1.0]
     if bad:
         raise ValueError(f"{field} entries must lie in [0, 1), got {bad}.")
