@@ -29,8 +29,8 @@ def get_config():
 
     c.wecolora.d = 2
     c.wecolora.lora_rank = 8
-    c.wecolora.epochs = 40
-    c.wecolora.warmup_epochs = 4
+    c.wecolora.epochs = 30
+    c.wecolora.warmup_epochs = 3
     c.wecolora.batch_size = 32
     c.wecolora.blr = 4e-3             # lr = 4e-3 * 32 / 256 = 5e-4
     c.wecolora.checkpoint_every = 0
