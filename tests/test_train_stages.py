@@ -8,7 +8,7 @@ import pytest
 from configs import digits
 from remem_jax import checkpoints, errors
 from remem_jax.models import vit
-from remem_jax.train import common, state as state_lib, teacher
+from remem_jax.train import common, state as state_lib, teacher, tinymim, wecolora
 
 IMAGE_SIZE = 16
 
@@ -82,6 +82,45 @@ def test_resume_after_interruption_is_bit_identical(teacher_npz, tmp_path, monke
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert [k["step"] for k in summary["kept"]] == [3, 6]
+
+
+def relation_distill_config():
+    c = tiny_config()
+    c.tinymim.update(dict(student="Ti_8", num_layers=1, steps=6, batch_size=16, lr=3e-3, warmup_steps=0,
+                          eval_batches=1, checkpoint_every=3, log_every=3))
+    return c, tinymim.relation_distill, os.path.join(tinymim.DISTILL_DIR, "relation_block1")
+
+
+def fewshot_distill_config():
+    c = tiny_config()
+    c.data.few_shot_per_class = 3  # 30 images: 2 steps per epoch at batch 16
+    c.wecolora.update(dict(variants=("wecolora",), lora_rank=2, epochs=3, warmup_epochs=1, batch_size=16,
+                           checkpoint_every=3, log_every=3))
+    return c, wecolora.fewshot_distill, os.path.join(wecolora.STAGE, "wecolora")
+
+
+@pytest.mark.parametrize("make_config", [relation_distill_config, fewshot_distill_config],
+                         ids=["relation_distill", "fewshot_distill"])
+def test_distillation_stages_resume_bit_identical(teacher_npz, tmp_path, monkeypatch, make_config):
+    """TinyMIM's and WeCoLoRA's students after an interrupted and resumed run equal an uninterrupted run's."""
+    config, stage, run_dir = make_config()
+    stage(context(config, tmp_path / "a", teacher_npz))
+
+    real_factory = common.train_iterator_factory
+    monkeypatch.setattr(common, "train_iterator_factory",
+                        lambda *a, **k: interrupting(real_factory(*a, **k), after_batches=4))
+    with pytest.raises(Interrupt):
+        stage(context(make_config()[0], tmp_path / "b", teacher_npz))
+    assert sorted(os.listdir(tmp_path / "b" / run_dir / "checkpoints")) == ["3"]
+    assert not os.path.exists(tmp_path / "b" / run_dir / "student.npz")
+    monkeypatch.setattr(common, "train_iterator_factory", real_factory)
+    stage(context(make_config()[0], tmp_path / "b", teacher_npz))
+
+    with np.load(tmp_path / "a" / run_dir / "student.npz") as a, np.load(tmp_path / "b" / run_dir / "student.npz") as b:
+        want, got = dict(a), dict(b)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_nan_loss_stops_the_run_without_saving(teacher_npz, tmp_path, monkeypatch):
