@@ -5,8 +5,16 @@ The LoRA tree mirrors the parameter tree down to the adapted kernel and holds
 `lora['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']['query']['kernel']['a']`
 (nested dicts of arrays: orbax-checkpointable). The scale is static metadata in
 a frozen `LoraConfig`, never a trainable leaf. In a train state the LoRA tree
-lives under the top-level key `'lora'` (`attach_lora`), and the step calls
-`effective_params(merge_partitions(params, frozen), lora_config)`.
+lives under the top-level key `'lora'` (`attach_lora`).
+
+Two ways to run a LoRA model, with the same maths:
+  * factored (the train steps): `lora_variables(tree, config)` gives
+    `{'params': base, 'lora': factors}` for `model.apply`; the ViT's block projections compute
+    `x W + (x a)(scale b)`, so the frozen kernels are only read (no weight gradient, no
+    `W + a b` per step). Targets outside the block projections (`FACTORED_TARGET`, e.g. a
+    custom pattern on the patch embedding or the head) are materialised with `apply_lora`.
+  * materialised (export, analyses): `apply_lora` / `effective_params` / `merge_lora` form
+    `W + scale * a b`.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from remem_jax import tree
+from remem_jax import tree as tree_lib  # `tree` is shadowed by arguments below
 from remem_jax.surgery.base import ATTN, LORA_KEY, MLP, Params, SurgeryError, block_sort_key, num_blocks
 
 LORA_INITS = ("gaussian", "uniform")
@@ -258,3 +267,51 @@ def effective_params(tree: Params, config: Optional[LoraConfig] = None) -> dict[
     if config is None:
         raise SurgeryError(f"The tree has a {LORA_KEY!r} subtree but no LoraConfig was given.")
     return apply_lora(base, lora, config)
+
+
+# The kernels the ViT computes as `LoraDense` / `LoraDenseGeneral` (models/vit.py).
+FACTORED_TARGET = LORA_PRESETS["all"]
+
+
+def lora_variables(tree: Params, config: Optional[LoraConfig] = None) -> dict[str, Any]:
+    """The variables of a factored-LoRA forward pass: `{'params': base, 'lora': factors}`.
+
+    `factors` mirrors the LoRA tree for the targets matching `FACTORED_TARGET`, with the static
+    scale folded into `b` (`{'a': a, 'b': scale * b}`), which is the layout the ViT's `lora`
+    collection reads; other targets are materialised into `base` with `apply_lora`. Without
+    LoRA it is `{'params': tree}`. `model.apply(lora_variables(t, c), x)` equals
+    `model.apply({'params': effective_params(t, c)}, x)` up to float rounding.
+
+    Args:
+      tree: a parameter tree, possibly with a `'lora'` subtree (`attach_lora`).
+      config: the `LoraConfig`; required iff the tree has a `'lora'` subtree.
+    """
+    base, lora = detach_lora(tree)
+    if lora is None:
+        effective_params(tree, config)  # the same checks
+        return {"params": base}
+    if config is None:
+        raise SurgeryError(f"The tree has a {LORA_KEY!r} subtree but no LoraConfig was given.")
+    factors = _lora_factors(lora, config)
+    flat_base = tree_lib.flatten_params(base)
+    factored, materialised = {}, {}
+    for target, (a, b) in factors.items():
+        if target not in flat_base:
+            raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
+        d_in, d_out = lora_dims(target, flat_base[target].shape)
+        if tuple(a.shape) != (d_in, config.rank) or tuple(b.shape) != (config.rank, d_out):
+            raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
+                               f"{tuple(b.shape)}; expected ({d_in}, {config.rank}) and "
+                               f"({config.rank}, {d_out}).")
+        if re.fullmatch(FACTORED_TARGET, target):
+            factored[f"{target}/a"] = a
+            factored[f"{target}/b"] = b * jnp.asarray(config.scale, b.dtype)
+        else:
+            materialised[f"{target}/a"], materialised[f"{target}/b"] = a, b
+    if materialised:
+        rest = tuple(t for t in config.targets if not re.fullmatch(FACTORED_TARGET, t))
+        base = apply_lora(base, tree_lib.unflatten_params(materialised),
+                          dataclasses.replace(config, targets=rest))
+    if not factored:
+        return {"params": base}
+    return {"params": base, "lora": tree_lib.unflatten_params(factored)}

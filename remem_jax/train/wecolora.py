@@ -85,7 +85,8 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
 
     Returns:
       A `TeacherSetup` whose `combine(trainable, frozen)` gives the student's effective params
-      (LoRA applied, not merged: its gradient reaches only the trainable leaves).
+      (LoRA materialised, for export) and whose `apply_variables` gives the factored-LoRA
+      variables the step uses (its gradient reaches only the trainable leaves).
     """
     if variant not in VARIANTS:
         raise errors.UserError(f"config.wecolora.variants: unknown variant {variant!r}; use {tuple(VARIANTS)}.")
@@ -113,8 +114,9 @@ def feature_distillation_loss(teacher: vit.VisionTransformer, setup: TeacherSetu
         images = batch["image"]
         target = jax.lax.stop_gradient(vit.encoder_tokens(
             teacher, frozen["teacher"], images.astype(teacher.dtype), after_norm=after_norm))
-        tokens = vit.encoder_tokens(setup.model, setup.combine(params, frozen["student"]), images,
-                                    after_norm=after_norm, train=True, rng=rng)
+        variables = setup.apply_variables(params, frozen["student"])
+        tokens = vit.encoder_tokens(setup.model, variables["params"], images, after_norm=after_norm,
+                                    train=True, rng=rng, lora=variables.get("lora"))
         return losses.l1_feature_loss(tokens, target), {"batch_stats": batch_stats, "metrics": {}}
     return loss_fn
 
@@ -126,8 +128,9 @@ def make_l1_evaluator(teacher: vit.VisionTransformer, setup: TeacherSetup, after
         images = batch["image"]
         target = vit.encoder_tokens(teacher, variables["teacher"], images.astype(teacher.dtype),
                                     after_norm=after_norm)
-        tokens = vit.encoder_tokens(setup.model, setup.combine(variables["params"], variables["student"]),
-                                    images, after_norm=after_norm)
+        student = setup.apply_variables(variables["params"], variables["student"])
+        tokens = vit.encoder_tokens(setup.model, student["params"], images, after_norm=after_norm,
+                                    lora=student.get("lora"))
         per_image = jnp.mean(jnp.abs(tokens.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2))
         mask = batch["mask"]
         return jax.lax.psum((jnp.sum(per_image * mask), jnp.sum(mask)), "batch")
