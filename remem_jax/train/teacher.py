@@ -126,7 +126,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
         logging.info("pretrain_teacher: %s exists, skipping.", out)
         return files.read_json(summary_path)
     overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
-    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], **overrides)
+    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], remat_blocks=p.remat, **overrides)
     size = ctx.config.data.image_size
     params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
     setup = TeacherSetup(model, params, {}, surgery.merge_partitions)
@@ -199,6 +199,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
         cache_dir=teacher_cache_dir(ctx),
         mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"], residual_mode=f.residual_mode,
         dropout_rate=f.dropout, dtype=DTYPES[f.dtype])
+    model = model.clone(remat_blocks=f.remat)
     if f.mode == "adapter":
         model = model.clone(adapter_dim=model.hidden_size // f.adapter_reduction)
     setup = setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"), image_size=size,

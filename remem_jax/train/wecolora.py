@@ -71,7 +71,8 @@ def _not_head(path: str) -> bool:
 
 
 def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_params: Any, *, d: int,
-                  lora_rank: int, image_size: int, rng: jax.Array, dtype=jnp.float32) -> TeacherSetup:
+                  lora_rank: int, image_size: int, rng: jax.Array, dtype=jnp.float32,
+                  remat: bool = False) -> TeacherSetup:
     """The student of a variant, split into trainable and frozen leaves.
 
     Args:
@@ -82,6 +83,7 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
       image_size: input size (for shapes).
       rng: key for LoRA's A or the random student.
       dtype: the student's compute dtype.
+      remat: rematerialise each student block in the backward pass.
 
     Returns:
       A `TeacherSetup` whose `combine(trainable, frozen)` gives the student's effective params
@@ -92,7 +94,8 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
         raise errors.UserError(f"config.wecolora.variants: unknown variant {variant!r}; use {tuple(VARIANTS)}.")
     spec = VARIANTS[variant]
     params = surgery.copy_every_dth_block(teacher_params, d)
-    model = teacher_model.clone(num_layers=student_depth(teacher_model.num_layers, d), dtype=dtype, parent=None)
+    model = teacher_model.clone(num_layers=student_depth(teacher_model.num_layers, d), dtype=dtype,
+                                remat_blocks=remat, parent=None)
     if not spec.copy_weights:
         images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(model.init)(jax.random.fold_in(rng, 1), images)["params"]
@@ -192,7 +195,7 @@ def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTra
     spec = VARIANTS[variant]
     size = ctx.config.data.image_size
     setup = build_student(variant, teacher, teacher_params, d=w.d, lora_rank=w.lora_rank, image_size=size,
-                          rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype])
+                          rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype], remat=w.remat)
     steps_per_epoch, steps, warmup = schedule_steps(num_examples, w.batch_size, w.epochs, w.warmup_epochs,
                                                     section="wecolora")
     tx = make_tx(w, steps, warmup)
