@@ -47,7 +47,8 @@ def _xent(logits):
 
 def _loss_fns(model, params, config, images):
     def factored(lora):
-        return _xent(model.apply(surgery.lora_variables(surgery.attach_lora(params, lora), config), images))
+        return _xent(model.apply(surgery.lora_variables(surgery.attach_lora(params, lora), config,
+                                                        policy="always"), images))
 
     def materialised(lora):
         return _xent(model.apply({"params": surgery.apply_lora(params, lora, config)}, images))
@@ -151,6 +152,23 @@ def test_factored_lora_computes_no_weight_gradient_of_the_frozen_kernels():
     f_fact, f_mat = flops(factored), flops(materialised)
     if f_fact is not None and f_mat is not None:
         assert f_fact < f_mat
+
+
+def test_factor_policy_materialises_high_rank_targets_by_default():
+    model = _model()
+    params = _params(model)
+    # d_in = d_out = 32: rank 8 costs 3 * 8 * 64 > 32 * 32 per token factored, so 'auto' materialises.
+    lora, config = _lora(params, surgery.lora_targets(params, "qv"), rank=8)
+    assert not surgery.factoring_pays(32, 32, 8) and surgery.factoring_pays(32, 32, 5)
+    tree = surgery.attach_lora(params, lora)
+    auto, always, never = (surgery.lora_variables(tree, config, policy=p) for p in ("auto", "always", "never"))
+    assert set(auto) == {"params"} and set(never) == {"params"} and set(always) == {"params", "lora"}
+    images = _images()
+    want = model.apply({"params": surgery.apply_lora(params, lora, config)}, images)
+    for variables in (auto, always, never):
+        chex.assert_trees_all_close(model.apply(variables, images), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(surgery.SurgeryError, match="policy"):
+        surgery.lora_variables(tree, config, policy="sometimes")
 
 
 def test_lora_variables_without_lora_is_the_params():

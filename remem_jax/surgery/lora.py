@@ -12,7 +12,8 @@ Two ways to run a LoRA model, with the same maths:
     `{'params': base, 'lora': factors}` for `model.apply`; the ViT's block projections compute
     `x W + (x a)(scale b)`, so the frozen kernels are only read (no weight gradient, no
     `W + a b` per step). Targets outside the block projections (`FACTORED_TARGET`, e.g. a
-    custom pattern on the patch embedding or the head) are materialised with `apply_lora`.
+    custom pattern on the patch embedding or the head), and by default targets whose rank is
+    too large for factoring to save work (`factoring_pays`), are materialised with `apply_lora`.
   * materialised (export, analyses): `apply_lora` / `effective_params` / `merge_lora` form
     `W + scale * a b`.
 """
@@ -271,21 +272,41 @@ def effective_params(tree: Params, config: Optional[LoraConfig] = None) -> dict[
 
 # The kernels the ViT computes as `LoraDense` / `LoraDenseGeneral` (models/vit.py).
 FACTORED_TARGET = LORA_PRESETS["all"]
+FACTOR_POLICIES = ("auto", "always", "never")
 
 
-def lora_variables(tree: Params, config: Optional[LoraConfig] = None) -> dict[str, Any]:
+def factoring_pays(d_in: int, d_out: int, rank: int) -> bool:
+    """Whether the factored form is no more work than the materialised one, per token.
+
+    Beyond the frozen layer's own forward and input-gradient matmuls (common to both), the
+    factored form costs about `3 r (d_in + d_out)` multiply-adds per token (`(x a) b` forward;
+    `dy b^T`, `da`, `db` and the input-gradient term backward), the materialised one `d_in d_out`
+    (the weight gradient `x^T dy` of `W + a b`; forming `W + a b` is per step, not per token).
+    So rank 32 on ViT-B's 768-wide projections factors (~4x less), while WeCoLoRA's rank 128 on
+    ViT-Ti's 192-wide ones does not (~4x more).
+    """
+    return 3 * rank * (d_in + d_out) <= d_in * d_out
+
+
+def lora_variables(tree: Params, config: Optional[LoraConfig] = None, *, policy: str = "auto"
+                   ) -> dict[str, Any]:
     """The variables of a factored-LoRA forward pass: `{'params': base, 'lora': factors}`.
 
-    `factors` mirrors the LoRA tree for the targets matching `FACTORED_TARGET`, with the static
-    scale folded into `b` (`{'a': a, 'b': scale * b}`), which is the layout the ViT's `lora`
-    collection reads; other targets are materialised into `base` with `apply_lora`. Without
-    LoRA it is `{'params': tree}`. `model.apply(lora_variables(t, c), x)` equals
+    `factors` mirrors the LoRA tree for the factored targets, with the static scale folded into
+    `b` (`{'a': a, 'b': scale * b}`), which is the layout the ViT's `lora` collection reads; the
+    other targets are materialised into `base` with `apply_lora`. Without LoRA it is
+    `{'params': tree}`. `model.apply(lora_variables(t, c), x)` equals
     `model.apply({'params': effective_params(t, c)}, x)` up to float rounding.
 
     Args:
       tree: a parameter tree, possibly with a `'lora'` subtree (`attach_lora`).
       config: the `LoraConfig`; required iff the tree has a `'lora'` subtree.
+      policy: which targets matching `FACTORED_TARGET` (the ViT block projections; nothing else
+        can be factored) are factored: `'auto'` those where `factoring_pays`, `'always'` all,
+        `'never'` none (the materialised path).
     """
+    if policy not in FACTOR_POLICIES:
+        raise SurgeryError(f"LoRA factor policy must be one of {FACTOR_POLICIES}, got {policy!r}.")
     base, lora = detach_lora(tree)
     if lora is None:
         effective_params(tree, config)  # the same checks
@@ -294,7 +315,7 @@ def lora_variables(tree: Params, config: Optional[LoraConfig] = None) -> dict[st
         raise SurgeryError(f"The tree has a {LORA_KEY!r} subtree but no LoraConfig was given.")
     factors = _lora_factors(lora, config)
     flat_base = tree_lib.flatten_params(base)
-    factored, materialised = {}, {}
+    factored, materialised, rest = {}, {}, []
     for target, (a, b) in factors.items():
         if target not in flat_base:
             raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
@@ -303,15 +324,17 @@ def lora_variables(tree: Params, config: Optional[LoraConfig] = None) -> dict[st
             raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
                                f"{tuple(b.shape)}; expected ({d_in}, {config.rank}) and "
                                f"({config.rank}, {d_out}).")
-        if re.fullmatch(FACTORED_TARGET, target):
+        factor = re.fullmatch(FACTORED_TARGET, target) and (
+            policy == "always" or (policy == "auto" and factoring_pays(d_in, d_out, config.rank)))
+        if factor:
             factored[f"{target}/a"] = a
             factored[f"{target}/b"] = b * jnp.asarray(config.scale, b.dtype)
         else:
             materialised[f"{target}/a"], materialised[f"{target}/b"] = a, b
+            rest.append(target)
     if materialised:
-        rest = tuple(t for t in config.targets if not re.fullmatch(FACTORED_TARGET, t))
         base = apply_lora(base, tree_lib.unflatten_params(materialised),
-                          dataclasses.replace(config, targets=rest))
+                          dataclasses.replace(config, targets=tuple(rest)))
     if not factored:
         return {"params": base}
     return {"params": base, "lora": tree_lib.unflatten_params(factored)}
