@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()
     c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
-    c.teacher.dtype = "float32"       # compute dtype of the teacher: float32 or bfloat16 (params stay float32)
+    c.teacher.dtype = "auto"          # teacher compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
     c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 
     # --- pretrain_teacher stage: trains a ViT from scratch and saves it as an AugReg npz ---
@@ -59,7 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.pretrain.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # linear-warmup steps; None: min(500, 10% of steps)
     c.pretrain.momentum = 0.9         # SGD momentum
     c.pretrain.grad_clip_norm = 1.0   # global-norm clip; 0: no clipping
-    c.pretrain.dtype = "float32"      # compute dtype
+    c.pretrain.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
+    c.pretrain.remat = False          # rematerialise each ViT block in the backward pass (less memory, ~1 more forward)
     c.pretrain.eval_every = 0         # steps between evaluations (0: only at the end)
     c.pretrain.checkpoint_every = 500  # steps between resume checkpoints (0: only at the end)
     c.pretrain.log_every = 50         # steps between progress lines / summaries
@@ -87,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.finetune.lora_targets = "qv"    # LoRA targets: 'qv' (query, value) or 'all' (every linear layer)
     c.finetune.adapter_reduction = 16  # adapter bottleneck = hidden_size / reduction
     c.finetune.dropout = 0.0          # dropout inside the ViT during fine-tuning
-    c.finetune.dtype = "float32"      # compute dtype (bfloat16 on accelerators); params stay float32
+    c.finetune.dtype = "auto"         # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU); params stay float32
+    c.finetune.remat = False          # rematerialise each ViT block in the backward pass (less memory, ~1 more forward)
     c.finetune.eval_every = 1000      # steps between evaluations (0: only kept steps; kept steps are always evaluated)
     c.finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only kept steps; kept steps are always saved)
     c.finetune.log_every = 50         # steps between progress lines / summaries
@@ -112,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.scratch_baseline = True  # also train the student from labels only, same schedule
     c.distill.teachers = "all"        # 'all' kept teacher checkpoints, or 'last' of each setting
     c.distill.width_multiplier = 1.0  # MobileNetV2 width multiplier
-    c.distill.dtype = "float32"       # student compute dtype
+    c.distill.dtype = "auto"          # student compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)
     c.distill.eval_every = 0          # steps between student evaluations (0: only at the end)
     c.distill.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
     c.distill.log_every = 100         # steps between progress lines / summaries
@@ -132,7 +134,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.wecolora.blr = 1e-3             # base learning rate
     c.wecolora.weight_decay = 0.05    # AdamW decoupled decay on every leaf but biases and 1-D leaves
     c.wecolora.adam_betas = (0.9, 0.95)  # AdamW (b1, b2), the reference's
-    c.wecolora.dtype = "float32"      # student compute dtype (the teacher's is teacher.dtype)
+    c.wecolora.dtype = "auto"         # student compute dtype (auto: bf16 on GPU/TPU, f32 on CPU; teacher: teacher.dtype)
+    c.wecolora.remat = False          # rematerialise each student block in the backward pass
     c.wecolora.checkpoint_every = 500  # steps between resume checkpoints (0: only at the end)
     c.wecolora.log_every = 20         # steps between progress lines / summaries
 
@@ -169,7 +172,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tinymim.adam_b2 = 0.95          # AdamW beta2 (beta1 0.9)
     c.tinymim.grad_clip_norm = 0.0    # global-norm clip; 0: none (as the released code)
     c.tinymim.color_jitter = 0.4      # brightness/contrast/saturation jitter of the student's input only
-    c.tinymim.dtype = "float32"       # student compute dtype (teacher: teacher.dtype)
+    c.tinymim.dtype = "auto"          # student compute dtype (auto: bf16 on GPU/TPU, f32 on CPU; teacher: teacher.dtype)
     c.tinymim.eval_batches = 4        # complete eval batches on which the distillation loss is reported
     c.tinymim.eval_every = 0          # steps between loss evaluations (0: only at the end)
     c.tinymim.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
@@ -187,7 +190,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.student_finetune.momentum = 0.9  # SGD momentum (optimizer='sgd')
     c.student_finetune.grad_clip_norm = 0.0  # global-norm clip; 0: none
     c.student_finetune.drop_path = 0.1  # stochastic depth, linear 0 -> drop_path over the blocks (timm)
-    c.student_finetune.dtype = "float32"  # compute dtype
+    c.student_finetune.dtype = "auto"  # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)
     c.student_finetune.scratch_baseline = True  # also fine-tune the undistilled (MAE-initialised) student
     c.student_finetune.eval_every = 0  # steps between evaluations (0: only at the end)
     c.student_finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)

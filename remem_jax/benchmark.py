@@ -24,10 +24,21 @@ Modes:
 
 For each mode it reports images/s, step time (mean, std), compile and first-step time, FLOPs per
 step from XLA's cost analysis of the compiled step, achieved TFLOP/s (and MFU given
-`--peak_tflops`), memory, and the SAM/plain step-time ratios of modes measured in the same run.
+`--peak_tflops`), memory, the SAM/plain and LoRA/full step-time ratios of modes measured in the
+same run, and `data_over_step`: the images/s of the JPEG input pipeline
+(`remem_jax.data.benchmark`, at `--image_size` and the global batch, timed once before the
+modes) over the step's images/s (> 1: the pipeline keeps up; `--data_batches=0` skips it).
 
   python -m remem_jax.benchmark --model=Ti_16 --batch_size=32 --modes=finetune_plain,finetune_sam \\
       --output=/tmp/bench.json
+
+The README's accelerator table is one command (ViT-B/16 at 224, global batch 256 halved per mode
+until it fits, bfloat16, every mode; writes `benchmark_gpu.md` and `benchmark_gpu.json`):
+
+  python -m remem_jax.benchmark --preset=gpu_table --peak_tflops=<one device's dense bf16 TFLOP/s>
+
+Flags given explicitly override the preset's values (e.g. `--remat` for activation
+rematerialisation per block, `--batch_size=512`).
 """
 from __future__ import annotations
 
@@ -50,7 +61,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from remem_jax import devices as device_lib, optim, tree
+from remem_jax import devices as device_lib, dtypes, optim, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import students, vit
 from remem_jax.train import distill, state as state_lib, step as step_lib, teacher, wecolora
@@ -65,7 +76,17 @@ RATIOS = {
     "lora_sam_over_lora_plain": ("finetune_lora", "finetune_lora_plain"),
     "lora_sam_over_full_sam": ("finetune_lora", "finetune_sam"),
     "fewshot_lora_over_full": ("fewshot_distill", "fewshot_full"),
+    "lora_plain_over_full_plain": ("finetune_lora_plain", "finetune_plain"),
 }
+# --preset=gpu_table: the README's accelerator table (explicit flags win).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu_table": dict(model="B_16", num_layers=0, student="resnet18", image_size=224, batch_size=256,
+                      dtype="bfloat16", steps=10, warmup=3, modes=MODES, fit_batch=True,
+                      output="benchmark_gpu.json", markdown="benchmark_gpu.md"),
+}
+# The issue-12 targets the markdown table is checked against (accelerator runs).
+TARGETS = (("finetune_sam", "mfu", ">=", 0.45), ("distill", "mfu", ">=", 0.40),
+           ("sam_over_plain", "ratio", "<=", 2.05), ("lora_plain_over_full_plain", "ratio", "<=", 0.7))
 FLOPS_SOURCE = ("XLA cost_analysis()['flops'] of the compiled per-device step (the pmapped "
                 "executable that is timed) x number of devices")
 
@@ -78,7 +99,7 @@ class BenchmarkOptions:
     student: str = "resnet18"
     image_size: int = 224
     batch_size: int = 32
-    dtype: str = "float32"
+    dtype: str = "auto"
     steps: int = 5
     warmup: int = 2
     modes: tuple[str, ...] = MODES
@@ -92,6 +113,11 @@ class BenchmarkOptions:
     tinymim_student_layers: int = 0
     seed: int = 0
     output: Optional[str] = None
+    remat: bool = False
+    data_batches: int = 5
+    fit_batch: bool = False
+    markdown: Optional[str] = None
+    preset: Optional[str] = None
 
     def validate(self, num_devices: int) -> None:
         """Raises ValueError naming the first bad field."""
@@ -108,6 +134,10 @@ class BenchmarkOptions:
                      "wecolora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.data_batches < 0:
+            raise ValueError(f"--data_batches must be >= 0 (0 = skip the input pipeline), got {self.data_batches!r}.")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}.")
         if self.num_layers < 0:
             raise ValueError(f"--num_layers must be >= 0 (0 = the variant's depth), got {self.num_layers!r}.")
         if self.batch_size % num_devices:
@@ -131,7 +161,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("student", d.student, f"Student CNN of 'distill': {sorted(students.STUDENTS)}.", **fv)
     flags.DEFINE_integer("image_size", d.image_size, "Square input side in pixels.", **fv)
     flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size (split over the local devices).", **fv)
-    flags.DEFINE_enum("dtype", d.dtype, sorted(DTYPES), "Compute dtype (params stay float32).", **fv)
+    flags.DEFINE_enum("dtype", d.dtype, sorted(DTYPES),
+                      "Compute dtype (params stay float32); auto: bfloat16 on GPU/TPU, float32 on CPU.", **fv)
     flags.DEFINE_integer("steps", d.steps, "Timed steps per mode.", **fv)
     flags.DEFINE_integer("warmup", d.warmup, "Untimed steps per mode, the compiling first step included.", **fv)
     flags.DEFINE_list("modes", list(d.modes), f"Comma list of modes among {MODES}.", **fv)
@@ -146,13 +177,26 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                          "Depth of the 'relation_distill' student; 0 = the variant's.", **fv)
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic batch.", **fv)
     flags.DEFINE_string("output", None, "Optional path of the JSON results.", **fv)
+    flags.DEFINE_bool("remat", d.remat, "Rematerialise every ViT block in the backward pass (nn.remat).", **fv)
+    flags.DEFINE_integer("data_batches", d.data_batches,
+                         "Timed batches of the JPEG input pipeline for data_over_step; 0 skips it.", **fv)
+    flags.DEFINE_bool("fit_batch", d.fit_batch, "On out-of-memory, halve a mode's batch until it fits.", **fv)
+    flags.DEFINE_string("markdown", None, "Optional path of a README-ready markdown table.", **fv)
+    flags.DEFINE_string("preset", None, f"Named settings among {sorted(PRESETS)}; explicit flags win.", **fv)
 
 
 def options_from_flags(flag_values: flags.FlagValues) -> BenchmarkOptions:
-    """The parsed flags as `BenchmarkOptions`."""
+    """The parsed flags as `BenchmarkOptions` (a `--preset`'s values for flags not given)."""
     fields = {f.name for f in dataclasses.fields(BenchmarkOptions)}
     values = {name: flag_values[name].value for name in fields}
     values["modes"] = tuple(m.strip() for m in values["modes"] if m.strip())
+    preset = values["preset"]
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+        for name, value in PRESETS[preset].items():
+            if not flag_values[name].present:
+                values[name] = tuple(value) if name == "modes" else value
     return BenchmarkOptions(**values)
 
 
@@ -300,7 +344,8 @@ def _optimizer(total_steps: int):
 
 def _create_vit(options: BenchmarkOptions) -> vit.VisionTransformer:
     overrides = {"num_layers": options.num_layers} if options.num_layers else {}
-    return vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype], **overrides)
+    return vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype],
+                          remat_blocks=options.remat, **overrides)
 
 
 def _init_vit(model: vit.VisionTransformer, rng: jax.Array, image_size: int) -> Any:
@@ -320,7 +365,8 @@ def build_finetune(options: BenchmarkOptions, mode: str) -> ModeSetup:
     tx = _optimizer(options.warmup + options.steps)
     state = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.fold_in(key, 2),
                                          frozen=setup.frozen)
-    step = step_lib.make_train_step(teacher.classification_loss(setup.model, setup.combine), tx, sam_rho=rho)
+    step = step_lib.make_train_step(teacher.classification_loss(setup.model, setup.apply_variables), tx,
+                                    sam_rho=rho)
     what = f"LoRA qv rank {options.lora_rank} (base frozen)" if lora else "full fine-tuning"
     return ModeSetup(step, state, f"ViT-{options.model} {what}, SAM rho {rho}", rho)
 
@@ -495,8 +541,10 @@ def ratios(results: dict, statistic: str = "mean") -> dict:
       name -> ratio, for the pairs whose modes both ran.
     """
     key = f"step_ms_{statistic}"
+    # Pairs at different batch sizes (`--fit_batch` halved one) are not comparable.
     return {name: results[a][key] / results[b][key]
-            for name, (a, b) in RATIOS.items() if a in results and b in results}
+            for name, (a, b) in RATIOS.items() if a in results and b in results
+            and results[a]["global_batch_size"] == results[b]["global_batch_size"]}
 
 
 def header(env: dict, options: BenchmarkOptions) -> str:
@@ -504,7 +552,9 @@ def header(env: dict, options: BenchmarkOptions) -> str:
              f"{env['device_kind']} ({env['backend']}), host CPUs {env['host_cpus_usable']}/{env['host_cpus']}, "
              f"load average {env['load_average_1m_at_start']:.2f}",
              f"ViT {options.model}" + (f" ({options.num_layers} layers)" if options.num_layers else "")
-             + f", image {options.image_size}, global batch {options.batch_size}, {options.dtype}, "
+             + f", image {options.image_size}, global batch {options.batch_size}, {options.dtype}"
+             + (f" (= {dtypes.resolved_name(options.dtype)})" if options.dtype == dtypes.AUTO else "")
+             + (", remat" if options.remat else "") + ", "
              f"{options.warmup} warm-up + {options.steps} timed steps, synthetic on-device batch"]
     if env["backend"] == "cpu":
         lines.append("NOTE: CPU run. Absolute numbers are not representative of accelerators and depend "
@@ -520,7 +570,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def table(results: dict) -> str:
     """One row per mode."""
     rows = [f"{'mode':<20} {'img/s':>8} {'step ms':>9} {'+-std':>7} {'min ms':>9} {'compile+1st s':>13} "
-            f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}  memory (see JSON)"]
+            f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} {'data/step':>9}  memory (see JSON)"]
     for mode, r in results.items():
         mem = r["memory"]
         if mem["device_peak_bytes_in_use"] is not None:
@@ -530,7 +580,9 @@ def table(results: dict) -> str:
         gflops = r["flops_per_step"] / 1e9 if r["flops_per_step"] is not None else None
         rows.append(f"{mode:<20} {r['images_per_s']:>8.2f} {r['step_ms_mean']:>9.1f} {r['step_ms_std']:>7.1f} "
                     f"{r['step_ms_min']:>9.1f} {r['compile_plus_first_step_s']:>13.1f} {_fmt(gflops, '10.1f')} "
-                    f"{_fmt(r['achieved_tflops'], '8.3f')} {_fmt(r['mfu'], '6.3f')}  {mem_s}")
+                    f"{_fmt(r['achieved_tflops'], '8.3f')} {_fmt(r['mfu'], '6.3f')} "
+                    f"{_fmt(r.get('data_over_step'), '9.2f')}  {mem_s}"
+                    + (f"  (batch {r['global_batch_size']})" if r.get("batch_halved") else ""))
     return "\n".join(rows)
 
 
@@ -547,14 +599,38 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     options.validate(len(devices))
     env = environment()
     print(header(env, options), flush=True)
-    batch = shard_batch(synthetic_batch(options.seed, options.batch_size, options.image_size,
-                                        options.num_classes, len(devices)), devices)
+    pipeline = input_pipeline(options)
+    if pipeline is not None:
+        print(f"input pipeline: {pipeline['images_per_s']:.1f} images/s ({pipeline['source']})", flush=True)
+    batches: dict[int, Any] = {}
     results = {}
     for mode in dict.fromkeys(options.modes):
         print(f"... {mode}", flush=True)
-        results[mode] = benchmark_mode(options, mode, batch, devices)
+        size = options.batch_size
+        while True:
+            if size not in batches:
+                batches[size] = shard_batch(synthetic_batch(options.seed, size, options.image_size,
+                                                            options.num_classes, len(devices)), devices)
+            try:
+                results[mode] = benchmark_mode(dataclasses.replace(options, batch_size=size), mode,
+                                               batches[size], devices)
+                break
+            except Exception as e:  # XlaRuntimeError's type moves between JAX versions
+                half = size // 2
+                if not (options.fit_batch and _out_of_memory(e) and half >= len(devices)
+                        and half % len(devices) == 0):
+                    raise
+                print(f"... {mode}: out of memory at global batch {size}; retrying at {half}", flush=True)
+                batches.clear()
+                gc.collect()
+                jax.clear_caches()
+                size = half
+        results[mode]["batch_halved"] = size != options.batch_size
+        if pipeline is not None:
+            results[mode]["data_over_step"] = pipeline["images_per_s"] / results[mode]["images_per_s"]
     report = {"environment": dict(env, load_average_1m_at_end=os.getloadavg()[0]),
-              "options": dataclasses.asdict(options), "flops_source": FLOPS_SOURCE,
+              "options": dataclasses.asdict(options), "dtype_resolved": dtypes.resolved_name(options.dtype),
+              "input_pipeline": pipeline, "flops_source": FLOPS_SOURCE,
               "memory_notes": ("device_peak_bytes_in_use: allocator high-water mark since process start "
                                "(None on CPU); host_peak_rss_bytes: ru_maxrss of this process since start; "
                                "both cumulative over the modes run so far. xla_memory_per_device: XLA's "
@@ -568,14 +644,86 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         print(f"{mode} teacher forward: {r['teacher_forward_ms_mean']:.1f} ms of a {r['step_ms_mean']:.1f} ms "
               f"step = {100 * r['teacher_share']:.1f}% (min: {100 * r['teacher_share_min']:.1f}%; "
               "teacher-only pmapped forward, same batch)")
-    if options.output:
-        directory = os.path.dirname(options.output)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        with open(options.output, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {options.output}")
+    if pipeline is not None:
+        print(f"data_over_step: input pipeline images/s over each mode's step images/s (> 1: the "
+              f"pipeline keeps up; measured alone, {pipeline['images_per_s']:.1f} images/s)")
+    for path, text in ((options.output, lambda: json.dumps(report, indent=2)),
+                       (options.markdown, lambda: markdown_table(report))):
+        if path:
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text())
+            print(f"wrote {path}")
     return report
+
+
+def _out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def input_pipeline(options: BenchmarkOptions) -> Optional[dict]:
+    """Images/s of the JPEG train pipeline at the benchmarked size and global batch; None if skipped.
+
+    Timed alone, before any step runs (on a CPU host the pipeline and a CPU step share the cores,
+    so in a real CPU run both are slower than measured here).
+    """
+    if not options.data_batches:
+        return None
+    from remem_jax.data import benchmark as data_benchmark
+    num_images = max(64, min(300, 2 * options.batch_size))
+    rate = data_benchmark.jpeg_pipeline_images_per_s(options.image_size, options.batch_size,
+                                                     options.data_batches, num_images=num_images)
+    return {"images_per_s": rate, "image_size": options.image_size, "batch_size": options.batch_size,
+            "num_batches": options.data_batches, "num_images": num_images,
+            "source": f"remem_jax.data.benchmark: {num_images} 500x375 JPEGs -> {options.image_size}px "
+                      "image_folder train pipeline (read, decode-crop, resize, flip, normalise, batch)"}
+
+
+def _check_target(report: dict, name: str, kind: str, op: str, bound: float) -> Optional[tuple[float, bool]]:
+    if kind == "mfu":
+        value = report["results"].get(name, {}).get("mfu")
+    else:
+        value = report["ratios"].get(name)
+    if value is None:
+        return None
+    return value, (value >= bound if op == ">=" else value <= bound)
+
+
+def markdown_table(report: dict) -> str:
+    """The README's benchmark table of a report: one row per mode, then ratios and targets."""
+    env, o = report["environment"], report["options"]
+    lines = [f"ViT-{o['model']} at {o['image_size']} px, {report['dtype_resolved']}"
+             + (", remat per block" if o["remat"] else "")
+             + f", {env['num_local_devices']} x {env['device_kind']} ({env['backend']}), jax {env['jax']}, "
+             f"{o['warmup']} warm-up + {o['steps']} timed steps, {env['time']}. "
+             f"`python -m remem_jax.benchmark" + (f" --preset={o['preset']}" if o.get("preset") else "")
+             + (f" --peak_tflops={o['peak_tflops']:g}" if o.get("peak_tflops") else "") + "`", "",
+             "| mode | what | global batch | images/s | step ms | MFU | peak memory | data/step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for mode, r in report["results"].items():
+        mem = r["memory"]["device_peak_bytes_in_use"]
+        mem_s = f"{mem / 2**30:.1f} GiB" if mem is not None else \
+            f"host RSS {r['memory']['host_peak_rss_bytes'] / 2**30:.1f} GiB"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        data = f"{r['data_over_step']:.2f}" if r.get("data_over_step") is not None else "-"
+        lines.append(f"| {mode} | {r['description']} | {r['global_batch_size']} | {r['images_per_s']:.1f} | "
+                     f"{r['step_ms_mean']:.1f} | {mfu} | {mem_s} | {data} |")
+    lines.append("")
+    for name, value in report["ratios"].items():
+        lines.append(f"- {name}: {value:.3f} (mean step times, same run)")
+    for name, kind, op, bound in TARGETS:
+        checked = _check_target(report, name, kind, op, bound)
+        if checked is not None:
+            value, ok = checked
+            shown = f"{100 * value:.1f}%" if kind == "mfu" else f"{value:.3f}"
+            lines.append(f"- target {name} {kind} {op} {bound:g}: {shown} -> {'met' if ok else 'NOT met'}")
+    if report.get("input_pipeline"):
+        lines.append(f"- input pipeline alone: {report['input_pipeline']['images_per_s']:.1f} images/s "
+                     "(data/step > 1: the pipeline keeps up with the step)")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> dict:

@@ -126,6 +126,7 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _cadence(config, "pretrain")
         _one_of("pretrain.optimizer", p.optimizer, optim.OPTIMIZERS)
         _one_of("pretrain.dtype", p.dtype, DTYPES)
+        _check(isinstance(p.remat, bool), "pretrain.remat", "True or False", p.remat)
 
     if "finetune_teacher" in stages:
         f = config.finetune
@@ -146,6 +147,7 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _one_of("finetune.lora_targets", f.lora_targets, surgery.LORA_PRESETS)
         _check(f.adapter_reduction > 0, "finetune.adapter_reduction", "a positive integer", f.adapter_reduction)
         _one_of("finetune.dtype", f.dtype, DTYPES)
+        _check(isinstance(f.remat, bool), "finetune.remat", "True or False", f.remat)
         _check(0.0 <= f.momentum < 1.0, "finetune.momentum", "in [0, 1)", f.momentum)
         _check(f.batch_size % f.accum_steps == 0, "finetune.accum_steps",
                f"a divisor of finetune.batch_size ({f.batch_size})", f.accum_steps)
@@ -183,6 +185,7 @@ def validate(config: ml_collections.ConfigDict, stage_names) -> None:
         _check(w.batch_size % w.accum_steps == 0, "wecolora.accum_steps",
                f"a divisor of wecolora.batch_size ({w.batch_size})", w.accum_steps)
         _one_of("wecolora.dtype", w.dtype, DTYPES)
+        _check(isinstance(w.remat, bool), "wecolora.remat", "True or False", w.remat)
         _positive_int(config, "wecolora.log_every")
         _check(_is_int(w.checkpoint_every) and w.checkpoint_every >= 0, "wecolora.checkpoint_every",
                "an integer >= 0 (0: only at the end)", w.checkpoint_every)

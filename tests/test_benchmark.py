@@ -14,7 +14,7 @@ from remem_jax import benchmark
 from remem_jax.models import vit
 
 TINY = ["--model=Ti_16", "--num_layers=1", "--image_size=32", "--batch_size=8", "--steps=1", "--warmup=1",
-        "--student=resnet18", "--num_classes=10"]
+        "--student=resnet18", "--num_classes=10", "--data_batches=0"]
 
 
 def test_main_writes_complete_json(tmp_path):
@@ -74,7 +74,7 @@ def test_bad_options_raise(flag, message):
 
 def test_fewshot_modes_report_the_lora_over_full_ratio_and_the_teacher_share():
     args = ["--model=Ti_16", "--num_layers=2", "--image_size=32", "--batch_size=8", "--steps=1", "--warmup=1",
-            "--num_classes=10", "--wecolora_rank=4", "--modes=fewshot_distill,fewshot_full"]
+            "--num_classes=10", "--wecolora_rank=4", "--modes=fewshot_distill,fewshot_full", "--data_batches=0"]
     report = benchmark.main(["benchmark", *args])
     lora, full = report["results"]["fewshot_distill"], report["results"]["fewshot_full"]
     assert lora["trainable_params"] == 4 * (4 * 2 * 192 + 2 * (192 + 768))  # one kept block, Ti width
@@ -82,3 +82,56 @@ def test_fewshot_modes_report_the_lora_over_full_ratio_and_the_teacher_share():
     for r in (lora, full):
         assert r["loss_finite"] and r["teacher_forward_ms_mean"] > 0 and 0 < r["teacher_share"]
     assert report["ratios"]["fewshot_lora_over_full"] > 0
+
+
+def test_remat_gives_the_same_losses():
+    plain = benchmark.main(["benchmark", *TINY, "--modes=finetune_plain,finetune_lora_plain", "--steps=2"])
+    remat = benchmark.main(["benchmark", *TINY, "--modes=finetune_plain,finetune_lora_plain", "--steps=2", "--remat"])
+    assert remat["options"]["remat"] and not plain["options"]["remat"]
+    for mode in ("finetune_plain", "finetune_lora_plain"):
+        assert remat["results"][mode]["final_loss"] == pytest.approx(plain["results"][mode]["final_loss"], abs=1e-5)
+    assert "lora_plain_over_full_plain" in plain["ratios"]
+
+
+def test_data_over_step_and_the_markdown_table(tmp_path):
+    md = tmp_path / "table.md"
+    report = benchmark.main(["benchmark", *TINY, "--modes=finetune_plain,finetune_sam", "--data_batches=1",
+                             "--peak_tflops=1.0", f"--markdown={md}"])
+    pipeline = report["input_pipeline"]
+    assert pipeline["images_per_s"] > 0 and pipeline["image_size"] == 32 and pipeline["batch_size"] == 8
+    for r in report["results"].values():
+        assert r["data_over_step"] == pytest.approx(pipeline["images_per_s"] / r["images_per_s"])
+    text = md.read_text()
+    assert "| finetune_sam |" in text and "| finetune_plain |" in text and "sam_over_plain" in text
+    assert "target sam_over_plain ratio <= 2.05" in text and "target finetune_sam mfu >= 0.45" in text
+
+
+def test_gpu_table_preset_fills_unset_flags_only():
+    from absl import flags
+    fv = flags.FlagValues()
+    benchmark.define_flags(fv)
+    fv(["benchmark", "--preset=gpu_table", "--batch_size=64", "--remat"])
+    options = benchmark.options_from_flags(fv)
+    assert (options.model, options.image_size, options.dtype) == ("B_16", 224, "bfloat16")
+    assert options.modes == benchmark.MODES and options.fit_batch and options.markdown == "benchmark_gpu.md"
+    assert options.batch_size == 64 and options.remat  # explicit flags win
+    with pytest.raises(ValueError, match="preset"):
+        benchmark.main(["benchmark", *TINY, "--preset=tpu_table"])
+
+
+def test_fit_batch_halves_a_mode_that_runs_out_of_memory(monkeypatch):
+    real = benchmark.benchmark_mode
+
+    def fake(options, mode, batch, devices):
+        if mode == "finetune_sam" and options.batch_size > 8:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(options, mode, batch, devices)
+    monkeypatch.setattr(benchmark, "benchmark_mode", fake)
+    args = [a for a in TINY if not a.startswith("--batch_size")] + ["--batch_size=16"]
+    report = benchmark.main(["benchmark", *args, "--modes=finetune_plain,finetune_sam", "--fit_batch"])
+    assert report["results"]["finetune_sam"]["global_batch_size"] == 8
+    assert report["results"]["finetune_sam"]["batch_halved"]
+    assert report["results"]["finetune_plain"]["global_batch_size"] == 16
+    assert "sam_over_plain" not in report["ratios"]  # different batches are not compared
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        benchmark.main(["benchmark", *args, "--modes=finetune_sam"])

@@ -143,7 +143,7 @@ def test_paper_defaults():
     ("finetune.residual_mode", "square", r"config.finetune.residual_mode must be one of two_minus, inverse, got 'square'"),
     ("finetune.lora_targets", "qkv", r"config.finetune.lora_targets must be one of qv, all, got 'qkv'"),
     ("finetune.settings", ("remem", "sam"), r"config.finetune.settings must be a non-empty list of remem, vanilla"),
-    ("finetune.dtype", "float16", r"config.finetune.dtype must be one of float32, bfloat16, got 'float16'"),
+    ("finetune.dtype", "float16", r"config.finetune.dtype must be one of float32, bfloat16, auto, got 'float16'"),
     ("distill.teachers", "best", r"config.distill.teachers must be one of all, last, got 'best'"),
     ("data.image_folder_metric", "top5", r"config.data.image_folder_metric must be one of top1, mean_per_class"),
 ])
@@ -157,7 +157,7 @@ def test_validation_names_the_field(field, value, match):
 
 @pytest.mark.parametrize("field,value,match", [
     ("pretrain.optimizer", "lamb", r"config.pretrain.optimizer must be one of sgd, adam, got 'lamb'"),
-    ("pretrain.dtype", "half", r"config.pretrain.dtype must be one of float32, bfloat16, got 'half'"),
+    ("pretrain.dtype", "half", r"config.pretrain.dtype must be one of float32, bfloat16, auto, got 'half'"),
     ("pretrain.variant", "H_14", r"config.pretrain.variant: Unknown ViT variant 'H_14'"),
 ])
 def test_pretrain_validation_names_the_field(field, value, match):
@@ -287,3 +287,19 @@ def test_wecolora_validation_names_the_field(field, value, match):
     config[section][key] = value
     with pytest.raises(UserError, match=match):
         config_validation.validate(config, STAGES)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    from remem_jax import dtypes
+    config = common.get_config()
+    for section in ("teacher", "pretrain", "finetune", "distill", "wecolora", "tinymim", "student_finetune"):
+        assert config[section].dtype == "auto", section
+    config_validation.validate(config, STAGES)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert dtypes.DTYPES["auto"] == jnp.float32 and dtypes.resolved_name("auto") == "float32"
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        assert dtypes.DTYPES["auto"] == jnp.bfloat16
+    assert dtypes.DTYPES["float32"] == jnp.float32 and dtypes.DTYPES["bfloat16"] == jnp.bfloat16

@@ -65,6 +65,7 @@ INTERMEDIATE_COLLECTIONS = ("tokens", "attention", "qkv", "mlp_hidden", "pre_log
 RESIDUAL_MODES = ("two_minus", "inverse")
 POSEMB_KINDS = ("learned", "sincos2d")
 INIT_STYLES = ("vit", "mae")
+ATTENTION_IMPLS = ("auto", "fused", "explicit")
 LAYERNORM_EPSILON = 1e-6
 
 
@@ -171,6 +172,52 @@ def _dense_init(init_style: str):
     return nn.initializers.xavier_uniform(), bias
 
 
+def _lora_delta(module: nn.Module, x: jax.Array, num_in_axes: int, features: tuple[int, ...]):
+    """`(x a) b` of the module's `lora/kernel` factors, shaped like the layer's output; or None.
+
+    The factors are the LoRA tree's `{'a': (d_in, r), 'b': (r, d_out)}` with the scale already
+    folded into `b` (`surgery.lora_variables`); the trailing `num_in_axes` axes of `x` are the
+    contracted ones, flattened row-major as `lora_dims` / `apply_lora` flatten the kernel.
+    """
+    if not module.has_variable("lora", "kernel"):
+        return None
+    factors = module.get_variable("lora", "kernel")
+    dtype = module.dtype or x.dtype
+    lead = x.shape[:x.ndim - num_in_axes]
+    h = jnp.dot(x.reshape(lead + (-1,)).astype(dtype), jnp.asarray(factors["a"], dtype))
+    return jnp.dot(h, jnp.asarray(factors["b"], dtype)).reshape(lead + tuple(features))
+
+
+class LoraDense(nn.Dense):
+    """`nn.Dense` (same parameters, initialisers and arithmetic) plus an optional factored LoRA term.
+
+    With a `lora` collection holding `kernel = {'a', 'b'}` at this module's path it returns
+    `x W + bias + (x a) b`: the kernel is only read, so a frozen `W` gets no weight gradient and
+    `W + a b` is never formed. Without that collection it is exactly `nn.Dense`.
+    """
+
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        delta = _lora_delta(self, inputs, 1, (self.features,))
+        return y if delta is None else y + delta.astype(y.dtype)
+
+
+class LoraDenseGeneral(nn.DenseGeneral):
+    """`nn.DenseGeneral` plus an optional factored LoRA term (see `LoraDense`).
+
+    Only trailing contracted axes (`axis=-1` or `(-2, -1)`, what the attention projections use).
+    """
+
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        if sorted(a % inputs.ndim for a in axis) != list(range(inputs.ndim - len(axis), inputs.ndim)):
+            raise ValueError(f"LoraDenseGeneral contracts trailing axes only, got axis={self.axis}.")
+        delta = _lora_delta(self, inputs, len(axis), features)
+        return y if delta is None else y + delta.astype(y.dtype)
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense -> dropout (vit_jax MlpBlock)."""
     mlp_dim: int
@@ -182,7 +229,7 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
         kernel_init, bias_init = _dense_init(self.init_style)
-        dense = lambda features, name: nn.Dense(
+        dense = lambda features, name: LoraDense(
             features, dtype=self.dtype, name=name, kernel_init=kernel_init, bias_init=bias_init)
         out_dim = x.shape[-1]
         x = dense(self.mlp_dim, "Dense_0")(x)
@@ -199,13 +246,34 @@ class MultiHeadSelfAttention(nn.Module):
     Same parameter names and shapes as `nn.MultiHeadDotProductAttention`
     (`query`/`key`/`value` kernels `(D, heads, head_dim)`, `out` kernel
     `(heads, head_dim, D)`), written out so that q/k/v and the attention
-    probabilities can be sown.
+    probabilities can be sown. The projections are `LoraDenseGeneral` (factored LoRA when a
+    `lora` collection is given).
+
+    `attention_impl` picks how softmax(q k^T / sqrt(d)) v is computed:
+      * `'explicit'`: the written-out einsum / float32 softmax / einsum (what the analyses read).
+      * `'fused'`: `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA elsewhere;
+        logits and softmax in float32), used only when neither `attention` (probabilities) nor
+        `qkv` is a mutable collection and attention dropout is off (rate 0 or deterministic);
+        otherwise the explicit path runs.
+      * `'auto'` (default): `'fused'` on GPU/TPU, `'explicit'` on CPU, so CPU results stay
+        bit-identical to vit_jax (the fused XLA path scales the float32 logits instead of the
+        inputs, which differs in the last bits).
     """
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     init_style: str = "vit"
     qkv_only: bool = False  # stop after sowing q, k, v and return them
+    attention_impl: str = "auto"
+
+    def _fused(self, deterministic: bool) -> bool:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}.")
+        if self.attention_impl == "explicit" or (self.attention_impl == "auto" and jax.default_backend() == "cpu"):
+            return False
+        if self.is_mutable_collection("attention") or self.is_mutable_collection("qkv"):
+            return False
+        return deterministic or self.dropout_rate == 0.0
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -220,7 +288,7 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             qkv_init = nn.initializers.xavier_uniform()
         out_init = nn.initializers.xavier_uniform()
-        proj = lambda name: nn.DenseGeneral(
+        proj = lambda name: LoraDenseGeneral(
             (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=qkv_init)
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         self.sow("qkv", "q", q)
@@ -228,13 +296,16 @@ class MultiHeadSelfAttention(nn.Module):
         self.sow("qkv", "v", v)
         if self.qkv_only:
             return q, k, v
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        self.sow("attention", "probs", probs)
-        probs = nn.Dropout(rate=self.dropout_rate, broadcast_dims=())(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                               kernel_init=out_init)(out)
+        if self._fused(deterministic):
+            out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / float(head_dim) ** 0.5)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+            self.sow("attention", "probs", probs)
+            probs = nn.Dropout(rate=self.dropout_rate, broadcast_dims=())(probs, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return LoraDenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
+                                kernel_init=out_init)(out)
 
 
 class Adapter(nn.Module):
@@ -273,6 +344,7 @@ class Encoder1DBlock(nn.Module):
     drop_path_rate: float = 0.0
     init_style: str = "vit"
     qkv_only: bool = False  # compute LayerNorm_0 and q/k/v only (sown), return the input
+    attention_impl: str = "auto"
 
     def _residual(self, stream, branch, weight):
         if weight == 1.0:  # Keeps the default model bit-identical to the plain one.
@@ -280,21 +352,23 @@ class Encoder1DBlock(nn.Module):
         return residual_factor(weight, self.residual_mode) * stream + weight * branch
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool):
+    def __call__(self, x, deterministic: bool):
+        # `deterministic` may be positional: nn.remat marks it static by position.
         drop_path = DropPath(self.drop_path_rate)
         if self.qkv_only:
             if self.skip_attn:
                 raise ValueError("qkv_only needs the block's attention, but it is pruned.")
             y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
             MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
-                                   qkv_only=True, name="MultiHeadDotProductAttention_1")(
+                                   qkv_only=True, attention_impl=self.attention_impl,
+                                   name="MultiHeadDotProductAttention_1")(
                                        y, deterministic=deterministic)
             return x
         if not self.skip_attn:
             y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
             y = MultiHeadSelfAttention(
                 self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
-                name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
+                attention_impl=self.attention_impl, name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
             y = nn.Dropout(rate=self.dropout_rate)(y, deterministic=deterministic)
             if self.adapter_dim:
                 y = Adapter(self.adapter_dim, self.dtype, name="Adapter_attn")(y)
@@ -360,15 +434,20 @@ class Encoder(nn.Module):
     posemb: str = "learned"
     init_style: str = "vit"
     qkv_only_block: Optional[int] = None
+    attention_impl: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
+        # Rematerialisation keeps only each block's input for the backward pass (static_argnums
+        # counts `self`: 2 is `deterministic`); parameter names are unchanged.
+        block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat_blocks else Encoder1DBlock
         x = AddPositionEmbs(self.posemb, name="posembed_input")(x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             heads = self.last_block_heads if last and self.last_block_heads else self.num_heads
-            x = Encoder1DBlock(
+            x = block_cls(
                 mlp_dim=self.mlp_dim, num_heads=heads,
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
@@ -380,7 +459,8 @@ class Encoder(nn.Module):
                 adapter_dim=self.adapter_dim, dtype=self.dtype,
                 drop_path_rate=self.drop_path_rate[i] if self.drop_path_rate else 0.0,
                 init_style=self.init_style, qkv_only=i == self.qkv_only_block,
-                name=f"encoderblock_{i}")(x, deterministic=deterministic)
+                attention_impl=self.attention_impl,
+                name=f"encoderblock_{i}")(x, deterministic)
             if i == self.qkv_only_block:
                 return x
         encoded = _layer_norm("encoder_norm")(x)
@@ -415,6 +495,14 @@ class VisionTransformer(nn.Module):
       qkv_only_block: a 0-based block index: the forward pass stops after that block's
         LayerNorm_0 and q/k/v (sown in `qkv`) and returns that block's input tokens
         `[B, N, D]` (float32); later blocks, the norm and the head are neither run nor created.
+      attention_impl: `'auto'` (fused `jax.nn.dot_product_attention` on GPU/TPU, the written-out
+        softmax on CPU), `'fused'` or `'explicit'`; see `MultiHeadSelfAttention`. Probabilities
+        and q/k/v requests always take the written-out path.
+      remat_blocks: rematerialise each block in the backward pass (`nn.remat`): activation
+        memory of one block instead of all, for about one extra forward pass.
+
+    A `lora` variable collection (`surgery.lora_variables`) adds factored LoRA terms to the
+    block projections: `model.apply({'params': base, 'lora': factors}, images)`.
     """
     num_classes: Optional[int]
     patch_size: int
@@ -438,6 +526,8 @@ class VisionTransformer(nn.Module):
     posemb: str = "learned"
     init_style: str = "vit"
     qkv_only_block: Optional[int] = None
+    attention_impl: str = "auto"
+    remat_blocks: bool = False
 
     def _check_config(self):
         if self.residual_mode not in RESIDUAL_MODES:
@@ -446,6 +536,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"posemb must be one of {POSEMB_KINDS}, got {self.posemb!r}.")
         if self.init_style not in INIT_STYLES:
             raise ValueError(f"init_style must be one of {INIT_STYLES}, got {self.init_style!r}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}.")
         if self.qkv_only_block is not None and not 0 <= self.qkv_only_block < self.num_layers:
             raise ValueError(f"qkv_only_block must be a block index in [0, {self.num_layers}), "
                              f"got {self.qkv_only_block}.")
@@ -483,7 +575,8 @@ class VisionTransformer(nn.Module):
             adapter_dim=self.adapter_dim, dtype=self.dtype,
             drop_path_rate=per_block_rates(self.drop_path_rate, self.num_layers, "drop_path_rate"),
             last_block_heads=self.last_block_heads, posemb=self.posemb, init_style=self.init_style,
-            qkv_only_block=self.qkv_only_block,
+            qkv_only_block=self.qkv_only_block, attention_impl=self.attention_impl,
+            remat_blocks=self.remat_blocks,
             name="Transformer")(x, deterministic=not train)
         if self.qkv_only_block is not None:
             return x.astype(jnp.float32)
@@ -555,7 +648,8 @@ def collect_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def encoder_tokens(model: VisionTransformer, params: Any, images: jax.Array, *, after_norm: bool,
-                   train: bool = False, rng: Optional[jax.Array] = None) -> jax.Array:
+                   train: bool = False, rng: Optional[jax.Array] = None,
+                   lora: Optional[Any] = None) -> jax.Array:
     """All tokens `[B, N, D]` (CLS first) of the last block: before `encoder_norm`, or after it.
 
     The head and `pre_logits` are computed too but nothing depends on them, so under `jit` XLA
@@ -568,8 +662,10 @@ def encoder_tokens(model: VisionTransformer, params: Any, images: jax.Array, *, 
         for the last block's output (WeCoLoRA's target).
       train: dropout on (needs `rng`).
       rng: dropout key.
+      lora: an optional factored-LoRA collection (`surgery.lora_variables(...)['lora']`).
     """
     rngs = {"dropout": rng} if rng is not None else None
-    _, state = model.apply({"params": params}, images, train=train, rngs=rngs, mutable=["tokens"])
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    _, state = model.apply(variables, images, train=train, rngs=rngs, mutable=["tokens"])
     sown = collect_intermediates(state)
     return sown["encoded"] if after_norm else sown["tokens"][-1]

@@ -7,7 +7,8 @@ input's (no copies), so the transforms are cheap inside and outside `jax.jit`.
 One idea per module:
 
 * `lora`: `lora_targets`, `init_lora`, `apply_lora`, `merge_lora`,
-  `lora_param_count`, `attach_lora` / `detach_lora` / `effective_params`.
+  `lora_param_count`, `attach_lora` / `detach_lora` / `effective_params`,
+  `lora_variables` (the factored forward pass's variables).
 * `partition`: the trainable / frozen split (`trainable_predicate`,
   `partition`, `merge_partitions`, `split_trainable`, `trainable_mask`).
 * `adapters`: `init_adapters` (fresh Houlsby adapter leaves).
@@ -21,18 +22,18 @@ Everything public is importable from `remem_jax.surgery` directly.
 from remem_jax.surgery.adapters import init_adapters
 from remem_jax.surgery.base import LORA_KEY, SurgeryError
 from remem_jax.surgery.fold import fold_reweighting
-from remem_jax.surgery.lora import (LORA_INITS, LORA_PRESETS, LoraConfig, apply_lora, attach_lora, detach_lora,
-                                    effective_params, init_lora, lora_dims, lora_param_count, lora_targets,
-                                    merge_lora)
+from remem_jax.surgery.lora import (FACTOR_POLICIES, FACTORED_TARGET, LORA_INITS, LORA_PRESETS, LoraConfig, apply_lora, attach_lora,
+                                    detach_lora, effective_params, factoring_pays, init_lora, lora_dims, lora_param_count,
+                                    lora_targets, lora_variables, merge_lora)
 from remem_jax.surgery.partition import (TRAINABLE_MODES, merge_partitions, partition, split_trainable,
                                          trainable_mask, trainable_predicate)
 from remem_jax.surgery.pruning import drop_blocks, zero_mlp_neurons
 from remem_jax.surgery.weight_copy import copy_every_dth_block
 
 __all__ = [
-    "LORA_INITS", "LORA_KEY", "LORA_PRESETS", "TRAINABLE_MODES", "LoraConfig", "SurgeryError",
+    "FACTOR_POLICIES", "FACTORED_TARGET", "LORA_INITS", "LORA_KEY", "LORA_PRESETS", "TRAINABLE_MODES", "LoraConfig", "SurgeryError",
     "apply_lora", "attach_lora", "copy_every_dth_block", "detach_lora", "drop_blocks", "effective_params",
-    "fold_reweighting", "init_adapters", "init_lora", "lora_dims", "lora_param_count", "lora_targets",
-    "merge_lora", "merge_partitions", "partition", "split_trainable", "trainable_mask", "trainable_predicate",
+    "factoring_pays", "fold_reweighting", "init_adapters", "init_lora", "lora_dims", "lora_param_count", "lora_targets",
+    "lora_variables", "merge_lora", "merge_partitions", "partition", "split_trainable", "trainable_mask", "trainable_predicate",
     "zero_mlp_neurons",
 ]

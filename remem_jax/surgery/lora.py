@@ -5,8 +5,17 @@ The LoRA tree mirrors the parameter tree down to the adapted kernel and holds
 `lora['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']['query']['kernel']['a']`
 (nested dicts of arrays: orbax-checkpointable). The scale is static metadata in
 a frozen `LoraConfig`, never a trainable leaf. In a train state the LoRA tree
-lives under the top-level key `'lora'` (`attach_lora`), and the step calls
-`effective_params(merge_partitions(params, frozen), lora_config)`.
+lives under the top-level key `'lora'` (`attach_lora`).
+
+Two ways to run a LoRA model, with the same maths:
+  * factored (the train steps): `lora_variables(tree, config)` gives
+    `{'params': base, 'lora': factors}` for `model.apply`; the ViT's block projections compute
+    `x W + (x a)(scale b)`, so the frozen kernels are only read (no weight gradient, no
+    `W + a b` per step). Targets outside the block projections (`FACTORED_TARGET`, e.g. a
+    custom pattern on the patch embedding or the head), and by default targets whose rank is
+    too large for factoring to save work (`factoring_pays`), are materialised with `apply_lora`.
+  * materialised (export, analyses): `apply_lora` / `effective_params` / `merge_lora` form
+    `W + scale * a b`.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from remem_jax import tree
+from remem_jax import tree as tree_lib  # `tree` is shadowed by arguments below
 from remem_jax.surgery.base import ATTN, LORA_KEY, MLP, Params, SurgeryError, block_sort_key, num_blocks
 
 LORA_INITS = ("gaussian", "uniform")
@@ -258,3 +268,73 @@ def effective_params(tree: Params, config: Optional[LoraConfig] = None) -> dict[
     if config is None:
         raise SurgeryError(f"The tree has a {LORA_KEY!r} subtree but no LoraConfig was given.")
     return apply_lora(base, lora, config)
+
+
+# The kernels the ViT computes as `LoraDense` / `LoraDenseGeneral` (models/vit.py).
+FACTORED_TARGET = LORA_PRESETS["all"]
+FACTOR_POLICIES = ("auto", "always", "never")
+
+
+def factoring_pays(d_in: int, d_out: int, rank: int) -> bool:
+    """Whether the factored form is no more work than the materialised one, per token.
+
+    Beyond the frozen layer's own forward and input-gradient matmuls (common to both), the
+    factored form costs about `3 r (d_in + d_out)` multiply-adds per token (`(x a) b` forward;
+    `dy b^T`, `da`, `db` and the input-gradient term backward), the materialised one `d_in d_out`
+    (the weight gradient `x^T dy` of `W + a b`; forming `W + a b` is per step, not per token).
+    So rank 32 on ViT-B's 768-wide projections factors (~4x less), while WeCoLoRA's rank 128 on
+    ViT-Ti's 192-wide ones does not (~4x more).
+    """
+    return 3 * rank * (d_in + d_out) <= d_in * d_out
+
+
+def lora_variables(tree: Params, config: Optional[LoraConfig] = None, *, policy: str = "auto"
+                   ) -> dict[str, Any]:
+    """The variables of a factored-LoRA forward pass: `{'params': base, 'lora': factors}`.
+
+    `factors` mirrors the LoRA tree for the factored targets, with the static scale folded into
+    `b` (`{'a': a, 'b': scale * b}`), which is the layout the ViT's `lora` collection reads; the
+    other targets are materialised into `base` with `apply_lora`. Without LoRA it is
+    `{'params': tree}`. `model.apply(lora_variables(t, c), x)` equals
+    `model.apply({'params': effective_params(t, c)}, x)` up to float rounding.
+
+    Args:
+      tree: a parameter tree, possibly with a `'lora'` subtree (`attach_lora`).
+      config: the `LoraConfig`; required iff the tree has a `'lora'` subtree.
+      policy: which targets matching `FACTORED_TARGET` (the ViT block projections; nothing else
+        can be factored) are factored: `'auto'` those where `factoring_pays`, `'always'` all,
+        `'never'` none (the materialised path).
+    """
+    if policy not in FACTOR_POLICIES:
+        raise SurgeryError(f"LoRA factor policy must be one of {FACTOR_POLICIES}, got {policy!r}.")
+    base, lora = detach_lora(tree)
+    if lora is None:
+        effective_params(tree, config)  # the same checks
+        return {"params": base}
+    if config is None:
+        raise SurgeryError(f"The tree has a {LORA_KEY!r} subtree but no LoraConfig was given.")
+    factors = _lora_factors(lora, config)
+    flat_base = tree_lib.flatten_params(base)
+    factored, materialised, rest = {}, {}, []
+    for target, (a, b) in factors.items():
+        if target not in flat_base:
+            raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
+        d_in, d_out = lora_dims(target, flat_base[target].shape)
+        if tuple(a.shape) != (d_in, config.rank) or tuple(b.shape) != (config.rank, d_out):
+            raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
+                               f"{tuple(b.shape)}; expected ({d_in}, {config.rank}) and "
+                               f"({config.rank}, {d_out}).")
+        factor = re.fullmatch(FACTORED_TARGET, target) and (
+            policy == "always" or (policy == "auto" and factoring_pays(d_in, d_out, config.rank)))
+        if factor:
+            factored[f"{target}/a"] = a
+            factored[f"{target}/b"] = b * jnp.asarray(config.scale, b.dtype)
+        else:
+            materialised[f"{target}/a"], materialised[f"{target}/b"] = a, b
+            rest.append(target)
+    if materialised:
+        base = apply_lora(base, tree_lib.unflatten_params(materialised),
+                          dataclasses.replace(config, targets=tuple(rest)))
+    if not factored:
+        return {"params": base}
+    return {"params": base, "lora": tree_lib.unflatten_params(factored)}

@@ -27,17 +27,33 @@ SETTINGS = ("remem", "vanilla")
 
 @dataclasses.dataclass
 class TeacherSetup:
-    """A ViT split into trainable and frozen leaves, and how to put it back together."""
+    """A ViT split into trainable and frozen leaves, and how to put it back together.
+
+    `combine(trainable, frozen)` gives full (LoRA-materialised) params, for export and analyses;
+    `variables(trainable, frozen)` gives what a train/eval forward pass hands `model.apply`:
+    `{'params': ..., 'lora': ...}` with factored LoRA (no `W + A B` per step), or
+    `{'params': combine(...)}` when `variables` is None.
+    """
     model: vit.VisionTransformer
     trainable: Any
     frozen: Any
     combine: Callable[[Any, Any], Any]  # (trainable, frozen) -> full params, jittable
+    variables: Optional[Callable[[Any, Any], dict]] = None  # (trainable, frozen) -> apply variables
+
+    def apply_variables(self, trainable: Any, frozen: Any) -> dict:
+        """The variables of a forward pass (factored LoRA where there is LoRA)."""
+        if self.variables is None:
+            return {"params": self.combine(trainable, frozen)}
+        return self.variables(trainable, frozen)
 
 
-def classification_loss(model: vit.VisionTransformer, combine: Callable[[Any, Any], Any]):
-    """The step's loss: softmax cross-entropy on (possibly soft) labels."""
+def classification_loss(model: vit.VisionTransformer, variables: Callable[[Any, Any], dict]):
+    """The step's loss: softmax cross-entropy on (possibly soft) labels.
+
+    `variables(params, frozen)` gives the `model.apply` variables (`TeacherSetup.apply_variables`).
+    """
     def loss_fn(params, frozen, batch_stats, batch, rng):
-        logits = model.apply({"params": combine(params, frozen)}, batch["image"], train=True,
+        logits = model.apply(variables(params, frozen), batch["image"], train=True,
                              rngs={"dropout": rng})
         loss = losses.softmax_cross_entropy(logits, batch["soft_label"])
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -68,7 +84,10 @@ def setup_finetune(model: vit.VisionTransformer, params: Any, mode: str, rng: ja
 
     def combine(t, f):
         return surgery.effective_params(surgery.merge_partitions(t, f), lora_config)
-    return TeacherSetup(model, trainable, frozen, combine)
+
+    def variables(t, f):
+        return surgery.lora_variables(surgery.merge_partitions(t, f), lora_config)
+    return TeacherSetup(model, trainable, frozen, combine, variables)
 
 
 def train_classifier(ctx: common.RunContext, name: str, setup: TeacherSetup, section, *,
@@ -79,9 +98,9 @@ def train_classifier(ctx: common.RunContext, name: str, setup: TeacherSetup, sec
     state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(seed_name, "train"),
                                          frozen=setup.frozen)
     step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
-        classification_loss(setup.model, setup.combine), tx, sam_rho=sam_rho,
+        classification_loss(setup.model, setup.apply_variables), tx, sam_rho=sam_rho,
         sync_perturbations=sync_perturbations, accum_steps=accum_steps))
-    logits_fn = lambda v, x: setup.model.apply({"params": setup.combine(v["params"], v["frozen"])}, x)
+    logits_fn = lambda v, x: setup.model.apply(setup.apply_variables(v["params"], v["frozen"]), x)
     evaluator = common.make_evaluator(logits_fn, lambda s: {"params": s.params, "frozen": s.frozen},
                                       ctx, section.batch_size)
     make_iter = common.train_iterator_factory(ctx, section.batch_size, seed=ctx.config.seed)
@@ -107,7 +126,7 @@ def pretrain_teacher(ctx: common.RunContext) -> dict:
         logging.info("pretrain_teacher: %s exists, skipping.", out)
         return files.read_json(summary_path)
     overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
-    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], **overrides)
+    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], remat_blocks=p.remat, **overrides)
     size = ctx.config.data.image_size
     params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
     setup = TeacherSetup(model, params, {}, surgery.merge_partitions)
@@ -180,6 +199,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
         cache_dir=teacher_cache_dir(ctx),
         mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"], residual_mode=f.residual_mode,
         dropout_rate=f.dropout, dtype=DTYPES[f.dtype])
+    model = model.clone(remat_blocks=f.remat)
     if f.mode == "adapter":
         model = model.clone(adapter_dim=model.hidden_size // f.adapter_reduction)
     setup = setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"), image_size=size,

@@ -71,7 +71,8 @@ def _not_head(path: str) -> bool:
 
 
 def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_params: Any, *, d: int,
-                  lora_rank: int, image_size: int, rng: jax.Array, dtype=jnp.float32) -> TeacherSetup:
+                  lora_rank: int, image_size: int, rng: jax.Array, dtype=jnp.float32,
+                  remat: bool = False) -> TeacherSetup:
     """The student of a variant, split into trainable and frozen leaves.
 
     Args:
@@ -82,16 +83,19 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
       image_size: input size (for shapes).
       rng: key for LoRA's A or the random student.
       dtype: the student's compute dtype.
+      remat: rematerialise each student block in the backward pass.
 
     Returns:
       A `TeacherSetup` whose `combine(trainable, frozen)` gives the student's effective params
-      (LoRA applied, not merged: its gradient reaches only the trainable leaves).
+      (LoRA materialised, for export) and whose `apply_variables` gives the factored-LoRA
+      variables the step uses (its gradient reaches only the trainable leaves).
     """
     if variant not in VARIANTS:
         raise errors.UserError(f"config.wecolora.variants: unknown variant {variant!r}; use {tuple(VARIANTS)}.")
     spec = VARIANTS[variant]
     params = surgery.copy_every_dth_block(teacher_params, d)
-    model = teacher_model.clone(num_layers=student_depth(teacher_model.num_layers, d), dtype=dtype, parent=None)
+    model = teacher_model.clone(num_layers=student_depth(teacher_model.num_layers, d), dtype=dtype,
+                                remat_blocks=remat, parent=None)
     if not spec.copy_weights:
         images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(model.init)(jax.random.fold_in(rng, 1), images)["params"]
@@ -113,8 +117,9 @@ def feature_distillation_loss(teacher: vit.VisionTransformer, setup: TeacherSetu
         images = batch["image"]
         target = jax.lax.stop_gradient(vit.encoder_tokens(
             teacher, frozen["teacher"], images.astype(teacher.dtype), after_norm=after_norm))
-        tokens = vit.encoder_tokens(setup.model, setup.combine(params, frozen["student"]), images,
-                                    after_norm=after_norm, train=True, rng=rng)
+        variables = setup.apply_variables(params, frozen["student"])
+        tokens = vit.encoder_tokens(setup.model, variables["params"], images, after_norm=after_norm,
+                                    train=True, rng=rng, lora=variables.get("lora"))
         return losses.l1_feature_loss(tokens, target), {"batch_stats": batch_stats, "metrics": {}}
     return loss_fn
 
@@ -126,8 +131,9 @@ def make_l1_evaluator(teacher: vit.VisionTransformer, setup: TeacherSetup, after
         images = batch["image"]
         target = vit.encoder_tokens(teacher, variables["teacher"], images.astype(teacher.dtype),
                                     after_norm=after_norm)
-        tokens = vit.encoder_tokens(setup.model, setup.combine(variables["params"], variables["student"]),
-                                    images, after_norm=after_norm)
+        student = setup.apply_variables(variables["params"], variables["student"])
+        tokens = vit.encoder_tokens(setup.model, student["params"], images, after_norm=after_norm,
+                                    lora=student.get("lora"))
         per_image = jnp.mean(jnp.abs(tokens.astype(jnp.float32) - target.astype(jnp.float32)), axis=(1, 2))
         mask = batch["mask"]
         return jax.lax.psum((jnp.sum(per_image * mask), jnp.sum(mask)), "batch")
@@ -189,7 +195,7 @@ def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTra
     spec = VARIANTS[variant]
     size = ctx.config.data.image_size
     setup = build_student(variant, teacher, teacher_params, d=w.d, lora_rank=w.lora_rank, image_size=size,
-                          rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype])
+                          rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype], remat=w.remat)
     steps_per_epoch, steps, warmup = schedule_steps(num_examples, w.batch_size, w.epochs, w.warmup_epochs,
                                                     section="wecolora")
     tx = make_tx(w, steps, warmup)
