@@ -21,7 +21,6 @@ if _XLA_CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # LRU-evicted beyond 4 GiB
 
 import chex  # noqa: E402
 

@@ -93,7 +93,7 @@ def relation_distill_config():
 
 def fewshot_distill_config():
     c = tiny_config()
-    c.data.few_shot_per_class = 3  # 30 images: 2 steps per epoch at batch 16
+    c.data.few_shot_per_class = 4  # 40 images: 2 steps per epoch at batch 16, 6 in all
     c.wecolora.update(dict(variants=("wecolora",), lora_rank=2, epochs=3, warmup_epochs=1, batch_size=16,
                            checkpoint_every=3, log_every=3))
     return c, wecolora.fewshot_distill, os.path.join(wecolora.STAGE, "wecolora")
