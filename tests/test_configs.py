@@ -276,7 +276,8 @@ def test_pretrain_num_layers_must_be_none_or_positive():
     ("wecolora.d", 0, r"config.wecolora.d must be a positive integer, got 0"),
     ("wecolora.variants", ("wecolora", "lora"), r"config.wecolora.variants must be a non-empty list of wecolora, "
                                                 r"lora_qv, weco_kd, scratch_kd"),
-    ("wecolora.warmup_epochs", 40, r"config.wecolora.warmup_epochs must be an integer in \[0, wecolora.epochs=40\)"),
+    # The boundary: warmup as long as the whole schedule (configs/wecolora_digits.py: 30 epochs).
+    ("wecolora.warmup_epochs", 30, r"config.wecolora.warmup_epochs must be an integer in \[0, wecolora.epochs=30\), got 30"),
     ("wecolora.adam_betas", (0.9, 1.0), r"config.wecolora.adam_betas must be two numbers in \[0, 1\)"),
     ("linear_probe.train_fraction", 1.5, r"config.linear_probe.train_fraction must be None \(whole train split\)"),
     ("linear_probe.trust_coefficient", 0.0, r"config.linear_probe.trust_coefficient must be > 0"),
