@@ -191,6 +191,19 @@ def _lora_factors(lora_params: Params, config: LoraConfig) -> dict[str, tuple[An
     return {t: (flat[f"{t}/a"], flat[f"{t}/b"]) for t in config.targets}
 
 
+def _checked_dims(flat: dict[str, Any], target: str, a: Any, b: Any, rank: int) -> tuple[int, int]:
+    """`(d_in, d_out)` of `target` in the flat base tree, after checking its factors' shapes."""
+    if target not in flat:
+        raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
+    shape = tuple(flat[target].shape)
+    d_in, d_out = lora_dims(target, shape)
+    if tuple(a.shape) != (d_in, rank) or tuple(b.shape) != (rank, d_out):
+        raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
+                           f"{tuple(b.shape)}; expected ({d_in}, {rank}) and "
+                           f"({rank}, {d_out}) for the kernel {shape}.")
+    return d_in, d_out
+
+
 def apply_lora(params: Params, lora_params: Params, config: LoraConfig) -> dict[str, Any]:
     """Effective parameters `W + scale * (A @ B).reshape(W.shape)` on every target.
 
@@ -209,14 +222,8 @@ def apply_lora(params: Params, lora_params: Params, config: LoraConfig) -> dict[
     factors = _lora_factors(lora_params, config)
     flat = dict(tree.flatten_params(params))
     for target, (a, b) in factors.items():
-        if target not in flat:
-            raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
+        _checked_dims(flat, target, a, b, config.rank)
         w = flat[target]
-        d_in, d_out = lora_dims(target, w.shape)
-        if tuple(a.shape) != (d_in, config.rank) or tuple(b.shape) != (config.rank, d_out):
-            raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
-                               f"{tuple(b.shape)}; expected ({d_in}, {config.rank}) and "
-                               f"({config.rank}, {d_out}) for the kernel {tuple(w.shape)}.")
         delta = (config.scale * jnp.matmul(a, b)).reshape(w.shape)
         flat[target] = (w + delta).astype(w.dtype)
     return tree.unflatten_params(flat)
@@ -317,13 +324,7 @@ def lora_variables(tree: Params, config: Optional[LoraConfig] = None, *, policy:
     flat_base = tree_lib.flatten_params(base)
     factored, materialised, rest = {}, {}, []
     for target, (a, b) in factors.items():
-        if target not in flat_base:
-            raise SurgeryError(f"LoRA target {target!r} is not in the parameter tree.")
-        d_in, d_out = lora_dims(target, flat_base[target].shape)
-        if tuple(a.shape) != (d_in, config.rank) or tuple(b.shape) != (config.rank, d_out):
-            raise SurgeryError(f"LoRA factors of {target} have shapes {tuple(a.shape)} and "
-                               f"{tuple(b.shape)}; expected ({d_in}, {config.rank}) and "
-                               f"({config.rank}, {d_out}).")
+        d_in, d_out = _checked_dims(flat_base, target, a, b, config.rank)
         factor = re.fullmatch(FACTORED_TARGET, target) and (
             policy == "always" or (policy == "auto" and factoring_pays(d_in, d_out, config.rank)))
         if factor:
