@@ -173,6 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tinymim.grad_clip_norm = 0.0    # global-norm clip; 0: none (as the released code)
     c.tinymim.color_jitter = 0.4      # brightness/contrast/saturation jitter of the student's input only
     c.tinymim.dtype = "auto"          # student compute dtype (auto: bf16 on GPU/TPU, f32 on CPU; teacher: teacher.dtype)
+    c.tinymim.remat = False           # rematerialise each student block in the backward pass (less memory, ~1 more forward)
     c.tinymim.eval_batches = 4        # complete eval batches on which the distillation loss is reported
     c.tinymim.eval_every = 0          # steps between loss evaluations (0: only at the end)
     c.tinymim.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)
@@ -189,8 +190,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.student_finetune.warmup_steps = ml_collections.FieldReference(None, field_type=int)  # None: min(500, 10% of steps)
     c.student_finetune.momentum = 0.9  # SGD momentum (optimizer='sgd')
     c.student_finetune.grad_clip_norm = 0.0  # global-norm clip; 0: none
+    c.student_finetune.layer_decay = 1.0  # layer-wise lr decay: block i's lr x decay^(L - i), embeddings x decay^(L + 1); 1 = off (TinyMIM's ViT-B recipe: 0.65)
     c.student_finetune.drop_path = 0.1  # stochastic depth, linear 0 -> drop_path over the blocks (timm)
     c.student_finetune.dtype = "auto"  # compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)
+    c.student_finetune.remat = False  # rematerialise each ViT block in the backward pass (less memory, ~1 more forward)
     c.student_finetune.scratch_baseline = True  # also fine-tune the undistilled (MAE-initialised) student
     c.student_finetune.eval_every = 0  # steps between evaluations (0: only at the end)
     c.student_finetune.checkpoint_every = 1000  # steps between resume checkpoints (0: only at the end)

@@ -13,14 +13,15 @@ Stages: `relation_distill` (relations of the teacher's block floor(0.75 L_t) whe
 the student, else its last, into the student's last block; AdamW (0.9, 0.95), wd 0.05,
 blr 1.5e-4 * batch / 256, 5% warmup then cosine, crop 0.2-1 + flip shared, colour jitter 0.4 on
 the student only, drop-path 0.1 except the last block) and `finetune_student` (the distilled
-student and a scratch student of the same architecture, identical AdamW fine-tuning).
+student and a scratch student of the same architecture, identical AdamW fine-tuning with layer-wise
+learning-rate decay 0.65, the README's fine-tuning command, which it gives for ViT-B only).
 
 Paper (TinyMIM README, ImageNet-1K fine-tune top-1 / ADE20K mIoU; 300 distillation epochs at
 batch 4096 from MAE teachers, 100 fine-tune epochs with layer decay 0.65, mixup/cutmix, RandAug):
   ViT-T: MAE 71.6 / 37.6, TinyMIM 75.8 / 44.0, TinyMIM*-T 79.6 / 45.0
   ViT-S: MAE 80.6 / 42.8, TinyMIM 83.0 / 48.4
   ViT-B: MAE 83.6 / 48.1, TinyMIM 85.0 / 52.2
-Not reproduced here: MAE teachers, layer decay, mixup/cutmix/RandAug/random erasing and
+Not reproduced here: MAE teachers, mixup/cutmix/RandAug/random erasing, label smoothing and
 global-pool + fc_norm in fine-tuning (this library's ViT classifies from the class token).
 """
 from configs import remem
@@ -50,6 +51,7 @@ def get_config():
     f.warmup_steps = 5 * 1_281_167 // 1024
     f.lr = 5e-4 * 1024 / 256          # blr 5e-4 (README ViT-B; ViT-S/T use 5e-4 .. 1e-3)
     f.weight_decay = 0.05
+    f.layer_decay = 0.65              # README: --layer_decay 0.65
     f.drop_path = 0.1
     f.eval_every = 5000
     f.checkpoint_every = 2000

@@ -46,4 +46,4 @@ def main(argv, flag_values) -> None:
 
 if __name__ == "__main__":
     from remem_jax import cli
-    cli.run(main, _flags)
+    cli.run(main, _flags, progress=True)

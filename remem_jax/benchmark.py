@@ -423,7 +423,7 @@ def build_relation_distill(options: BenchmarkOptions) -> ModeSetup:
         student=options.tinymim_student, num_layers=options.tinymim_student_layers or None, num_heads=None,
         last_block_heads=None, posemb="sincos2d", drop_path=0.1, dtype=options.dtype, steps=options.warmup + options.steps,
         warmup_steps=None, lr=None, blr=1.5e-4, batch_size=options.batch_size, weight_decay=0.05, adam_b2=0.95,
-        grad_clip_norm=0.0))
+        grad_clip_norm=0.0, remat=options.remat))
     student = tinymim.student_model(t, teacher_model.num_heads)
     block = tinymim.default_teacher_block(teacher_model.num_layers, student.num_layers)
     objective = tinymim.Objective(tinymim.RunSpec("relation", block), student.clone(qkv_only_block=student.num_layers - 1),

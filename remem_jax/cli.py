@@ -34,8 +34,24 @@ def _message(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__  # one line
 
 
-def run(main: Callable, define_flags: Callable[[], dict]) -> None:
-    """Defines the flags, parses argv (errors -> one line, exit 2) and runs `main(argv, flags)`."""
+class QuietLibraries:
+    """A logging filter that drops INFO records of orbax, jax and TFDS internals, so that a long
+    run's progress lines stay readable."""
+
+    def filter(self, record) -> bool:
+        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "jax", "tensorflow_datasets"))
+        return record.levelno > 20 or not noisy  # 20 = INFO
+
+
+def run(main: Callable, define_flags: Callable[[], dict], *, progress: bool = False) -> None:
+    """Defines the flags, parses argv (errors -> one line, exit 2) and runs `main(argv, flags)`.
+
+    Args:
+      main: `main(argv, flags)`, `flags` being what `define_flags` returned.
+      define_flags: defines the tool's absl flags; returns name -> flag holder.
+      progress: log INFO records (a long run's progress lines, libraries' own INFO dropped);
+        otherwise only warnings and errors.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up notes are not errors
     from absl import app, flags, logging
 
@@ -55,7 +71,10 @@ def run(main: Callable, define_flags: Callable[[], dict]) -> None:
     def wrapped(argv):
         if len(argv) > 1:
             fail(f"unexpected arguments: {' '.join(argv[1:])}")
-        logging.set_verbosity(logging.WARNING)
+        if progress:
+            logging.get_absl_handler().addFilter(QuietLibraries())
+        else:
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv, holders)
         except Exception as e:  # noqa: BLE001 - user errors become one line; anything else is a bug

@@ -243,6 +243,7 @@ def _validate_tinymim(config) -> None:
     _check(t.grad_clip_norm >= 0, "tinymim.grad_clip_norm", ">= 0 (0: no clipping)", t.grad_clip_norm)
     _check(0.0 <= t.color_jitter < 1.0, "tinymim.color_jitter", "in [0, 1)", t.color_jitter)
     _one_of("tinymim.dtype", t.dtype, DTYPES)
+    _check(isinstance(t.remat, bool), "tinymim.remat", "True or False", t.remat)
 
 
 def _validate_student_finetune(config) -> None:
@@ -258,7 +259,9 @@ def _validate_student_finetune(config) -> None:
     _check(0.0 <= f.momentum < 1.0, "student_finetune.momentum", "in [0, 1)", f.momentum)
     _check(f.grad_clip_norm >= 0, "student_finetune.grad_clip_norm", ">= 0 (0: no clipping)", f.grad_clip_norm)
     _check(0.0 <= f.drop_path < 1.0, "student_finetune.drop_path", "in [0, 1)", f.drop_path)
+    _check(0.0 < f.layer_decay <= 1.0, "student_finetune.layer_decay", "in (0, 1] (1: off)", f.layer_decay)
     _one_of("student_finetune.dtype", f.dtype, DTYPES)
+    _check(isinstance(f.remat, bool), "student_finetune.remat", "True or False", f.remat)
 
 
 def _analysis(config) -> None:

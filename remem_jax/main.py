@@ -44,14 +44,6 @@ def stage_functions():
     }
 
 
-class _QuietLibraries:
-    """Drops INFO records of orbax and jax internals so progress lines stay readable."""
-
-    def filter(self, record) -> bool:
-        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "jax", "tensorflow_datasets"))
-        return record.levelno > 20 or not noisy  # 20 = INFO
-
-
 def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Checks `config`, `workdir` and the data, then runs the stages; returns every stage's results."""
     import jax
@@ -108,7 +100,8 @@ def _exit_with_user_error(e: Exception):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from remem_jax import cli
+    logging.get_absl_handler().addFilter(cli.QuietLibraries())
     try:
         run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except _user_error_types() as e:

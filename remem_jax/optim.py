@@ -87,8 +87,8 @@ def matrix_mask(params: Any) -> Any:
 def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0.9,
                    weight_decay: float = 1e-4, grad_clip_norm: Optional[float] = 1.0,
                    nesterov: bool = False, weight_decay_mask: Any = None,
-                   optimizer: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.999)
-                   ) -> optax.GradientTransformation:
+                   optimizer: str = "sgd", adam_betas: tuple[float, float] = (0.9, 0.999),
+                   lr_scale: Optional[Callable[[tuple], float]] = None) -> optax.GradientTransformation:
     """SGD with momentum and decoupled weight decay (SGDW), after a global-norm clip.
 
     Chain: clip by global norm -> momentum trace -> add `weight_decay * w` (masked) -> scale by
@@ -106,6 +106,8 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
         `kernel_mask` (decay leaves with ndim > 1 only).
       optimizer: 'sgd' (the paper's fine-tuning and distillation) or 'adam'.
       adam_betas: Adam's (b1, b2); WeCoLoRA and TinyMIM use (0.9, 0.95).
+      lr_scale: optional `key path -> factor` multiplying the learning rate of each leaf (weight
+        decay included, as PyTorch parameter groups do), e.g. `vit_layer_decay`.
 
     Returns:
       An `optax.GradientTransformation`.
@@ -133,8 +135,47 @@ def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0
     if weight_decay > 0:
         mask = kernel_mask if weight_decay_mask is None else weight_decay_mask
         parts.append(optax.add_decayed_weights(weight_decay, mask=mask))
+    if lr_scale is not None:
+        parts.append(scale_by_path(lr_scale))
     parts.append(optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=learning_rate))
     return optax.chain(*parts)
+
+
+def scale_by_path(factor_of: Callable[[tuple], float]) -> optax.GradientTransformation:
+    """Multiplies each update leaf by `factor_of(its key path)` (a Python float, fixed per leaf)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor_of(path), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def vit_layer_id(path: tuple, num_layers: int) -> int:
+    """BEiT/MAE's `get_layer_id_for_vit` in this ViT's Flax names.
+
+    0 for the patch embedding, class token and position embedding; i + 1 for
+    `Transformer/encoderblock_i` (its LoRA factors and adapters included); `num_layers + 1` for
+    the rest (the final norm, `pre_logits`, the head).
+    """
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if names and names[0] in ("embedding", "cls"):
+        return 0
+    if len(names) > 1 and names[0] == "Transformer":
+        if names[1] == "posembed_input":
+            return 0
+        if names[1].startswith("encoderblock_"):
+            return int(names[1].split("_")[1]) + 1
+    return num_layers + 1
+
+
+def vit_layer_decay(decay: float, num_layers: int) -> Callable[[tuple], float]:
+    """Layer-wise learning-rate decay (BEiT, MAE fine-tuning): leaf factor `decay ** (L + 1 - layer id)`.
+
+    The head keeps the full learning rate, block i gets `decay ** (L - i)`, the embeddings
+    `decay ** (L + 1)`. Use as `make_optimizer(lr_scale=...)`.
+    """
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"layer decay must be in (0, 1], got {decay!r}.")
+    return lambda path: float(decay) ** (num_layers + 1 - vit_layer_id(path, num_layers))
 
 
 def make_lars(*, learning_rate: Union[float, Schedule], momentum: float = 0.9, weight_decay: float = 0.0,

@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from remem_jax import benchmark
@@ -82,6 +83,29 @@ def test_fewshot_modes_report_the_lora_over_full_ratio_and_the_teacher_share():
     for r in (lora, full):
         assert r["loss_finite"] and r["teacher_forward_ms_mean"] > 0 and 0 < r["teacher_share"]
     assert report["ratios"]["fewshot_lora_over_full"] > 0
+
+
+def test_relation_distill_mode_times_the_truncated_teacher_and_trains_no_unused_student_leaf():
+    # Teacher Ti/16 with 4 blocks, student Ti/16 with 2: the relation block is floor(0.75 * 4) = 3.
+    args = ["--model=Ti_16", "--num_layers=4", "--image_size=32", "--batch_size=8", "--steps=1", "--warmup=1",
+            "--tinymim_student=Ti_16", "--tinymim_student_layers=2", "--modes=relation_distill", "--data_batches=0"]
+    report = benchmark.main(["benchmark", *args])
+    r = report["results"]["relation_distill"]
+    assert "block 3 of 4" in r["description"]
+    assert r["loss_finite"] and r["final_loss"] > 0 and r["teacher_forward_ms_mean"] > 0 and r["teacher_share"] > 0
+    # Only the teacher up to block 3's q/k/v runs. Per token, in units of d^2 multiply-adds: a block is
+    # 12 (q/k/v 3, output 1, MLP 8), the 16x16x3 patch embedding 4; so 2 blocks + block 3's q/k/v
+    # + embedding = 31 of a full forward's 4 * 12 + 4 = 52 (0.596; block 2's end would be 0.54).
+    full_forward = benchmark.vit_forward_flops(vit.create_vit("Ti_16", 10, num_layers=4), 32) * 8
+    assert r["teacher_forward_flops"] / full_forward == pytest.approx(31 / 52, rel=0.05)
+    # Trained: the student's patch embedding, class token, block 0 and the last block up to its q/k/v;
+    # the last block's attention output, MLP and the final norm are frozen (never in the optimizer).
+    student = vit.create_vit("Ti_16", None, num_layers=2, posemb="sincos2d")
+    total = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(vit.param_shapes(student, 32)))
+    d, mlp = 192, 768
+    unused = (d * d + d) + (2 * d * mlp + mlp + d) + 2 * d + 2 * d  # out projection, MLP, LayerNorm_2, encoder_norm
+    assert r["trainable_params"] == total - unused
+    assert r["frozen_params"] >= unused
 
 
 def test_remat_gives_the_same_losses():

@@ -304,3 +304,18 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
         assert dtypes.DTYPES["auto"] == jnp.bfloat16
     assert dtypes.DTYPES["float32"] == jnp.float32 and dtypes.DTYPES["bfloat16"] == jnp.bfloat16
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("tinymim.drop_path", 1.0, r"config.tinymim.drop_path must be in \[0, 1\), got 1.0"),
+    ("tinymim.target", "tokens", r"config.tinymim.target must be one of"),
+    ("student_finetune.layer_decay", 0.0, r"config.student_finetune.layer_decay must be in \(0, 1\] \(1: off\), got 0.0"),
+    ("student_finetune.layer_decay", 1.5, r"config.student_finetune.layer_decay must be in \(0, 1\] \(1: off\), got 1.5"),
+])
+def test_tinymim_validation_names_the_field(field, value, match):
+    config = importlib.import_module("configs.tinymim_digits").get_config()
+    section, _, key = field.rpartition(".")
+    with config.unlocked():
+        config[section][key] = value
+    with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)

@@ -102,6 +102,53 @@ def test_optimizer_constant_lr_no_clip_custom_mask():
     np.testing.assert_allclose(updates["bias"], -1.05, rtol=1e-6)
 
 
+def test_vit_layer_ids_follow_beit_on_a_real_vit():
+    from remem_jax.models import vit
+    shapes = vit.param_shapes(vit.create_vit("Ti_16", 10, num_layers=2), 32)
+    ids = {"/".join(str(k.key) for k in path): optim.vit_layer_id(path, 2)
+           for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    assert ids["embedding/kernel"] == ids["cls"] == ids["Transformer/posembed_input/pos_embedding"] == 0
+    assert ids["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] == 1
+    assert ids["Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/bias"] == 2
+    assert ids["Transformer/encoder_norm/scale"] == ids["head/kernel"] == 3
+    assert len(ids) == len(jax.tree.leaves(shapes))
+
+
+def test_layer_decay_scales_each_leaf_update_weight_decay_included():
+    # Two blocks (L = 2), decay 0.5: the head x 1, block 1 x 0.5, block 0 x 0.25, the embedding x 0.125.
+    params = {"embedding": {"kernel": np.full((2, 2), 2.0, np.float32)},
+              "Transformer": {"encoderblock_0": {"k": np.full((2, 2), 2.0, np.float32)},
+                              "encoderblock_1": {"k": np.full((2, 2), 2.0, np.float32)}},
+              "head": {"kernel": np.full((2, 2), 2.0, np.float32)}}
+    grads = jax.tree.map(lambda x: np.full_like(x, 10.0), params)
+    tx = optim.make_optimizer(learning_rate=0.1, momentum=0.0, weight_decay=0.5, grad_clip_norm=None,
+                              lr_scale=optim.vit_layer_decay(0.5, 2))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    plain = -0.1 * (10.0 + 0.5 * 2.0)  # SGD step with decoupled decay, at the full learning rate
+    np.testing.assert_allclose(updates["head"]["kernel"], plain, rtol=1e-6)
+    np.testing.assert_allclose(updates["Transformer"]["encoderblock_1"]["k"], 0.5 * plain, rtol=1e-6)
+    np.testing.assert_allclose(updates["Transformer"]["encoderblock_0"]["k"], 0.25 * plain, rtol=1e-6)
+    np.testing.assert_allclose(updates["embedding"]["kernel"], 0.125 * plain, rtol=1e-6)
+    with pytest.raises(ValueError, match="layer decay"):
+        optim.vit_layer_decay(0.0, 2)
+
+
+def test_make_tx_applies_a_sections_layer_decay():
+    import ml_collections
+    from remem_jax.train import common
+    section = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, momentum=0.0, weight_decay=0.0,
+                                             grad_clip_norm=0.0, optimizer="sgd", layer_decay=0.5))
+    params = {"Transformer": {"encoderblock_0": {"k": np.ones(3, np.float32)}}, "head": {"k": np.ones(3, np.float32)}}
+    grads = jax.tree.map(np.ones_like, params)
+    tx = common.make_tx(section, 10, num_layers=1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Step 0 of a cosine without warmup is the peak 0.1; block 0 of 1 gets 0.5 of it.
+    np.testing.assert_allclose(updates["head"]["k"], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(updates["Transformer"]["encoderblock_0"]["k"], -0.05, rtol=1e-6)
+    with pytest.raises(ValueError, match="num_layers"):
+        common.make_tx(section, 10)
+
+
 def test_default_mask_is_ndim_greater_than_one():
     mask = optim.kernel_mask({"k": np.zeros((2, 3)), "conv": np.zeros((3, 3, 2, 4)), "b": np.zeros(3),
                               "s": np.zeros(())})

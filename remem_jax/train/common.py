@@ -73,14 +73,28 @@ def warmup_steps(configured: Optional[int], total_steps: int, default_fraction: 
     return optim.default_warmup_steps(total_steps)
 
 
-def make_tx(section: ml_collections.ConfigDict, total_steps: int, *, warmup_fraction: Optional[float] = None):
-    """SGD momentum (or Adam) + cosine with linear warmup + decoupled wd + clip, from a config section."""
+def make_tx(section: ml_collections.ConfigDict, total_steps: int, *, warmup_fraction: Optional[float] = None,
+            num_layers: Optional[int] = None):
+    """SGD momentum (or Adam) + cosine with linear warmup + decoupled wd + clip, from a config section.
+
+    A section with `layer_decay` < 1 also gets ViT layer-wise learning-rate decay
+    (`optim.vit_layer_decay`); `num_layers` is then the ViT's depth.
+    """
     schedule = optim.warmup_cosine_schedule(
         section.lr, total_steps, warmup_steps(section.warmup_steps, total_steps, warmup_fraction))
     return optim.make_optimizer(
         learning_rate=schedule, momentum=section.momentum, weight_decay=section.weight_decay,
         grad_clip_norm=section.grad_clip_norm or None, optimizer=section.get("optimizer", "sgd"),
-        adam_betas=(0.9, section.get("adam_b2", 0.999)))
+        adam_betas=(0.9, section.get("adam_b2", 0.999)), lr_scale=_layer_decay(section, num_layers))
+
+
+def _layer_decay(section, num_layers: Optional[int]):
+    decay = section.get("layer_decay", 1.0)
+    if decay == 1.0:
+        return None
+    if num_layers is None:
+        raise ValueError("layer_decay < 1 needs the ViT's num_layers.")
+    return optim.vit_layer_decay(decay, num_layers)
 
 
 def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup_alpha: float = 0.0

@@ -94,7 +94,7 @@ def train_classifier(ctx: common.RunContext, name: str, setup: TeacherSetup, sec
                      steps: int, sam_rho: float, sync_perturbations: bool, accum_steps: int,
                      run_dir: str, keep_steps=(), on_keep=None, seed_name: str) -> tuple[Any, list]:
     """Trains a ViT classifier with (SAM-)SGD; returns the final host state and eval history."""
-    tx = common.make_tx(section, steps)
+    tx = common.make_tx(section, steps, num_layers=setup.model.num_layers)
     state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(seed_name, "train"),
                                          frozen=setup.frozen)
     step_fn = step_lib.pmap_train_step(step_lib.make_train_step(

@@ -120,7 +120,7 @@ def student_model(t, teacher_heads: int) -> vit.VisionTransformer:
     rates = (float(t.drop_path),) * (layers - 1) + (0.0,)
     return vit.create_vit(t.student, None, last_block_heads=t.last_block_heads or teacher_heads,
                           posemb=t.posemb, init_style="mae", drop_path_rate=rates, dtype=DTYPES[t.dtype],
-                          **overrides)
+                          remat_blocks=t.remat, **overrides)
 
 
 def split_used(params: Any, model: vit.VisionTransformer, image_size: int) -> tuple[dict, dict]:
@@ -376,7 +376,7 @@ def finetune_one(ctx: common.RunContext, name: str, checkpoint: str) -> dict:
     size = ctx.config.data.image_size
     model, params = checkpoints.load_augreg(checkpoint, num_classes=ctx.num_classes, image_size=size,
                                             dtype=DTYPES[f.dtype])
-    model = model.clone(drop_path_rate=finetune_drop_path(f.drop_path, model.num_layers))
+    model = model.clone(drop_path_rate=finetune_drop_path(f.drop_path, model.num_layers), remat_blocks=f.remat)
     setup = teacher_lib.setup_finetune(model, params, "full", ctx.rng("finetune_student", "surgery"), image_size=size)
     # One seed name for every student: the same data order and dropout keys for all rows.
     _, history = teacher_lib.train_classifier(
