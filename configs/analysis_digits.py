@@ -6,9 +6,13 @@ scratch, then fine-tuned vanilla and with ReMem, teachers kept at three steps ea
 criticality of the top block's neurons, a top-down pruning sweep (top attention or MLP branch
 removed, 10 fine-tuning steps) on the last teacher of each setting, and attention rollout.
 
-Run (measured on a 2-core machine shared with other jobs, load 6-8: teacher stages about 11
-minutes, `analyze` 21 minutes wall / 16 CPU-minutes; far above the 8-minute target):
+Run:
   python -m remem_jax.analyze --config=configs/analysis_digits.py --workdir=/tmp/analysis_digits
+
+Timing: 5 min 43 s wall (7 min 02 s user, 51 s sys), teacher stages included (about 1 min 50 s of
+it), on 2 idle cores (AMD EPYC), cold start, measured 2026-12-02; the target is under 8 minutes.
+An earlier measurement on a slower 2-core machine shared with other jobs (load 6-8) took about 11
+minutes for the teachers and 21 for `analyze`.
 
 Outputs: /tmp/analysis_digits/analysis/{analysis.md, *.json, *.png}. Expected: teachers far above
 chance (10%); MI estimates far above the noise level (0 nats); see the README for a measured run.

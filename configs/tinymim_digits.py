@@ -11,13 +11,24 @@ the same architecture and init with identical settings; the table goes to $WORKD
 Run:
   python -m remem_jax.main --config=configs/tinymim_digits.py --workdir=/tmp/tinymim_digits
 
-Timing (measured 2026-12-02 on 2 otherwise idle CPU cores): 9 min 21 s wall, 11 min 19 s CPU (user +
-sys), over the 8-minute target; about 1 min of it is the five fine-tunes each compiling the same step
-again (from the progress lines: each one's first 50 steps take ~12 s longer than its next 50). That run's table (fine-tuned top-1 on the 450 held-out digits; teacher 74.9% after 300
-steps): relation block 3 of 4: 66.89 (loss 1.975 -> 0.493), relation block 4 of 4: 68.44
-(1.359 -> 0.651), cls: 74.67, feature: 54.00, scratch: 68.67. An earlier run with longer schedules
-(`--config.pretrain.steps=500 --config.tinymim.steps=150 --config.student_finetune.steps=150`, teacher
-85.3%) gave 80.0, 81.6, 82.2, 70.4 and 73.8.
+Timing: 2 min 41 s wall (3 min 14 s user, 51 s sys) on 2 idle cores (AMD EPYC, load average 0.2
+at the start), measured 2026-12-02 with `time python -m remem_jax.main --config=configs/tinymim_digits.py
+--workdir=...` on a cold start (no XLA compilation cache); the target is under 8 minutes. An earlier
+measurement on a slower 2-core machine took 9 min 21 s. That run's table (fine-tuned top-1 on the 450
+held-out digits; teacher 76.2% after 300 steps):
+
+  | student | target | teacher block | distill loss (init -> final) | fine-tuned top-1 |
+  |---|---|---|---|---|
+  | relation_block3 | relation | 3 of 4 | 1.7582 -> 0.5206 | 70.89 |
+  | relation_block4 | relation | 4 of 4 | 1.6116 -> 0.7066 | 72.44 |
+  | cls | cls (paper's description) | - | 0.0066 -> -0.6713 | 72.22 |
+  | feature | feature (paper's description) | - | 0.4559 -> 0.1537 | 61.11 |
+  | scratch | scratch | - | - | 68.67 |
+
+The same config on the slower machine gave 66.89, 68.44, 74.67, 54.00 and 68.67 (XLA's CPU code
+differs between processors, so the last bits, and after training the table, differ). An earlier run
+with longer schedules (`--config.pretrain.steps=500 --config.tinymim.steps=150
+--config.student_finetune.steps=150`, teacher 85.3%) gave 80.0, 81.6, 82.2, 70.4 and 73.8.
 Expected: every relation loss falls during distillation; fine-tuned students far above chance
 (10%). This toy setting is too small to reproduce the paper's ordering; configs/tinymim_imagenet.py
 has the paper's numbers.

@@ -61,3 +61,26 @@ def test_missing_workdir_flag():
     result = subprocess.run([sys.executable, "-m", "remem_jax.main", "--config=configs/digits.py"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--workdir is required" in result.stderr
+
+
+_TOOL = """
+import sys
+from absl import flags, logging
+from remem_jax import cli
+
+def main(argv, holders):
+    logging.info("progress line of the tool")
+    logging.warning("a warning of the tool")
+
+cli.run(main, lambda: {}, progress=sys.argv.pop(1) == "progress")
+"""
+
+
+@pytest.mark.parametrize("mode", ["progress", "quiet"])
+def test_cli_run_shows_info_lines_only_for_long_running_tools(mode):
+    # remem_jax.analyze runs with progress=True (its step lines must show); export and predict do not.
+    result = subprocess.run([sys.executable, "-c", _TOOL, mode], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "a warning of the tool" in result.stderr
+    assert ("progress line of the tool" in result.stderr) == (mode == "progress")
