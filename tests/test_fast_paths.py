@@ -231,7 +231,7 @@ def test_remat_blocks_gives_the_same_loss_and_gradients():
 
     (l0, g0), (l1, g1) = loss(_model(dropout_rate=0.1)), loss(_model(dropout_rate=0.1, remat_blocks=True))
     chex.assert_trees_all_close(l0, l1, atol=1e-6)
-    _assert_grads_close(g1, g0, tol=1e-6)  # relative to each leaf's largest entry
+    _assert_grads_close(g1, g0, tol=1e-5)  # float32: remat recomputes in another fusion order (1.1e-6 seen on an AMD EPYC)
     # Same parameter names as the plain model.
     assert jax.tree.structure(_model(remat_blocks=True).init(jax.random.PRNGKey(1), images)["params"]) == \
         jax.tree.structure(params)
