@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from remem_jax import tree
+
 Schedule = Callable[[jax.Array], jax.Array]
 GradFn = Callable[..., tuple[tuple[jax.Array, Any], Any]]
 
@@ -79,9 +81,14 @@ def matrix_mask(params: Any) -> Any:
     `cls_token` and `pos_embed` too unless a skip list names them; MAE's distillation passes none).
     """
     def decayed(path, x):
-        name = getattr(path[-1], "key", getattr(path[-1], "name", "")) if path else ""
+        name = _key_name(path[-1]) if path else ""
         return jnp.ndim(x) > 1 and name != "bias"
     return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def _key_name(key) -> str:
+    """The name in one entry of a JAX key path (a dict key or an attribute name)."""
+    return str(getattr(key, "key", getattr(key, "name", key)))
 
 
 def make_optimizer(*, learning_rate: Union[float, Schedule], momentum: float = 0.9,
@@ -156,14 +163,15 @@ def vit_layer_id(path: tuple, num_layers: int) -> int:
     `Transformer/encoderblock_i` (its LoRA factors and adapters included); `num_layers + 1` for
     the rest (the final norm, `pre_logits`, the head).
     """
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = [_key_name(k) for k in path]
     if names and names[0] in ("embedding", "cls"):
         return 0
     if len(names) > 1 and names[0] == "Transformer":
         if names[1] == "posembed_input":
             return 0
-        if names[1].startswith("encoderblock_"):
-            return int(names[1].split("_")[1]) + 1
+        block = tree.block_part_index(names[1])
+        if block is not None:
+            return block + 1
     return num_layers + 1
 
 

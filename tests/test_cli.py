@@ -65,7 +65,7 @@ def test_missing_workdir_flag():
 
 _TOOL = """
 import sys
-from absl import flags, logging
+from absl import logging
 from remem_jax import cli
 
 def main(argv, holders):
