@@ -18,6 +18,7 @@ checkpoint, and NaN / inf parameters are reported by name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import zipfile
@@ -30,6 +31,7 @@ from absl import logging
 
 from remem_jax import errors, files, tree
 from remem_jax.models import vit
+from remem_jax.surgery.base import is_adapter
 
 AUGREG_BUCKET = "gs://vit_models/augreg"
 # Recommended AugReg checkpoints of "How to train your ViT" (vit_jax README,
@@ -353,72 +355,133 @@ def resize_posemb(posemb: np.ndarray, num_tokens: int, has_class_token: bool = T
     return np.concatenate([token, grid.reshape(1, new * new, -1)], axis=1).astype(posemb.dtype)
 
 
-def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
-                image_size: Optional[int] = None, cache_dir: Optional[str] = None,
-                **model_overrides) -> tuple[vit.VisionTransformer, dict[str, Any]]:
-    """Loads an AugReg / ViT npz as a model and its parameter tree.
+@dataclasses.dataclass(frozen=True)
+class VitFile:
+    """A ViT checkpoint read from disk: its raw-named arrays and the architecture they describe.
 
-    The head rule: the checkpoint's head is kept only when it still reads the
-    representation it was trained on and has the requested class count, i.e.
-    `num_classes` equals the checkpoint's and its `pre_logits` layer (if any)
-    is kept. Otherwise the head is a zero head (kernel and bias zero, as
-    vit_jax): for a new class count, and also for an unchanged one when
-    `representation_size=None` drops the checkpoint's `pre_logits` (the head
-    would read the encoder output instead of the tanh layer it was trained on).
-    A head kept after `pretrain_teacher` (same classes, no pre_logits) is right.
+    Attributes:
+      path: the resolved path.
+      flat: raw (AugReg) names -> float32 arrays.
+      architecture: the `VisionTransformer` fields the shapes fix (`patch_size`, `hidden_size`,
+        `num_layers`, `num_heads`, `mlp_dim`, `representation_size`, `adapter_dim`, and
+        `last_block_heads` when the last block's head count differs).
+      image_size: the square resolution its position embeddings were trained for.
+      num_classes: its head's class count.
+    """
+    path: str
+    flat: Mapping[str, np.ndarray]
+    architecture: Mapping[str, Any]
+    image_size: int
+    num_classes: int
 
-    Args:
-      path_or_name: local path, gs:// path, or a known name (`B_16`, `B_16-i1k`, ...).
-      num_classes: classes of the returned model; None keeps the checkpoint's.
-      image_size: square input resolution; when it differs from the
-        checkpoint's, the position embeddings are resized (vit_jax algorithm).
-      cache_dir: read a remote checkpoint through a local cache there (fetched
-        once; see `fetch`); None reads it directly.
-      **model_overrides: other `VisionTransformer` fields (dtype, dropout,
-        mlp_alpha, ...). `representation_size=None` drops a checkpoint's
-        `pre_logits` as vit_jax does (and resets the head, see above).
 
-    Returns:
-      `(model, params)`: the model and a nested dict of float32 numpy arrays
-      with exactly the model's parameter tree.
+def read_vit(path_or_name: str, *, cache_dir: Optional[str] = None) -> VitFile:
+    """Reads an AugReg / ViT npz (a name, local or gs:// path) and the architecture its shapes fix.
 
     Raises:
-      CheckpointError: unknown name, missing or unreadable file, or parameters
-        that do not fit the model (every missing / unexpected key and shape
-        mismatch is listed).
+      CheckpointError: unknown name, a missing or unreadable file, or not a ViT with a head.
     """
     path = resolve_checkpoint(path_or_name)
     flat = to_raw_names(load_npz(path, cache_dir=cache_dir))
     found = infer_vit_config(flat)
-    ckpt_image_size, ckpt_classes = found.pop("image_size"), found.pop("num_classes")
-    if ckpt_classes is None:
+    image_size, num_classes = found.pop("image_size"), found.pop("num_classes")
+    if num_classes is None:
         raise CheckpointError(f"Checkpoint {path!r} has no head/kernel.")
-    config = {**found, **model_overrides}
-    config["num_classes"] = num_classes if num_classes is not None else ckpt_classes
-    image_size = image_size or ckpt_image_size
-    try:
-        model = vit.VisionTransformer(**config)
-    except TypeError as e:
-        raise CheckpointError(f"Bad model override for {path!r}: {e}") from e
+    return VitFile(path, flat, found, image_size, num_classes)
 
-    dropped_pre_logits = config.get("representation_size") is None and "pre_logits/kernel" in flat
-    if config.get("representation_size") is None:
+
+def load_into(model: vit.VisionTransformer, ckpt: VitFile, *, image_size: Optional[int] = None) -> dict[str, Any]:
+    """The parameters of `ckpt` for `model`, a ViT built from the run's config (big_vision's `load`).
+
+    The model decides the parts a run may change: the head (`model.num_classes`: the file's head is
+    kept only when it has that class count and still reads the representation it was trained on,
+    i.e. `pre_logits` is kept; otherwise a zero head as vit_jax; None drops it), `pre_logits`
+    (dropped when `model.representation_size` is None), and the resolution (position embeddings
+    resized to `image_size` with vit_jax's algorithm). Adapter leaves the model has and the file
+    lacks are left out (`surgery.init_adapters` adds them). Everything else must match.
+
+    Args:
+      model: the ViT to load into.
+      ckpt: the file, from `read_vit`.
+      image_size: square input resolution; None: the file's.
+
+    Returns:
+      A nested dict of float32 numpy arrays with exactly the model's parameter tree (adapters aside).
+
+    Raises:
+      CheckpointError: parameters that do not fit the model (every missing / unexpected key and
+        shape mismatch is listed), or an image size the patches do not divide.
+    """
+    flat = dict(ckpt.flat)
+    image_size = image_size or ckpt.image_size
+    dropped_pre_logits = model.representation_size is None and "pre_logits/kernel" in flat
+    if model.representation_size is None:
         flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
-    if dropped_pre_logits and config["num_classes"] == ckpt_classes:
-        logging.info("%s: pre_logits dropped, so the head (trained on pre_logits) is reset to zeros.", path)
-    if config["num_classes"] != ckpt_classes or dropped_pre_logits:
-        width = config.get("representation_size") or config["hidden_size"]
-        flat["head/kernel"] = np.zeros((width, config["num_classes"]), np.float32)
-        flat["head/bias"] = np.zeros((config["num_classes"],), np.float32)
-    if image_size != ckpt_image_size:
-        if image_size % config["patch_size"]:
-            raise CheckpointError(f"image_size {image_size} is not divisible by the patch size {config['patch_size']}.")
+    if not model.num_classes:
+        flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
+    elif model.num_classes != ckpt.num_classes or dropped_pre_logits:
+        if dropped_pre_logits and model.num_classes == ckpt.num_classes:
+            logging.info("%s: pre_logits dropped, so the head (trained on pre_logits) is reset to zeros.", ckpt.path)
+        width = model.representation_size or model.hidden_size
+        flat["head/kernel"] = np.zeros((width, model.num_classes), np.float32)
+        flat["head/bias"] = np.zeros((model.num_classes,), np.float32)
+    if image_size != ckpt.image_size:
+        if image_size % model.patch_size:
+            raise CheckpointError(f"image_size {image_size} is not divisible by the patch size {model.patch_size}.")
         key = "Transformer/posembed_input/pos_embedding"
-        flat[key] = resize_posemb(flat[key], (image_size // config["patch_size"]) ** 2 + 1)
+        flat[key] = resize_posemb(flat[key], (image_size // model.patch_size) ** 2 + 1)
 
     params = tree.unflatten_params({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    tree.check_params_match(params, vit.param_shapes(model, image_size), repr(path), error=CheckpointError)
-    return model, params
+    expected = tree.flatten_params(vit.param_shapes(model, image_size))
+    if not any(is_adapter(k) for k in flat):
+        expected = {k: v for k, v in expected.items() if not is_adapter(k)}
+    tree.check_params_match(params, tree.unflatten_params(expected), repr(ckpt.path), error=CheckpointError)
+    return params
+
+
+def load_augreg(path_or_name: str, *, num_classes: Optional[int] = None,
+                image_size: Optional[int] = None, cache_dir: Optional[str] = None,
+                **model_overrides) -> tuple[vit.VisionTransformer, dict[str, Any]]:
+    """Reads an AugReg / ViT npz, builds its model and loads it: `read_vit`, then `load_into`.
+
+    The one-call convenience. The model is the file's architecture with `model_overrides`
+    (dtype, dropout, mlp_alpha, ...; `representation_size=None` drops a checkpoint's
+    `pre_logits` as vit_jax does, which also resets its head) and `num_classes` (None: the
+    file's). The head rule and the position-embedding resize are `load_into`'s.
+
+    Args:
+      path_or_name: local path, gs:// path, or a known name (`B_16`, `B_16-i1k`, ...).
+      num_classes: classes of the returned model; None keeps the checkpoint's.
+      image_size: square input resolution; when it differs from the checkpoint's, the position
+        embeddings are resized (vit_jax algorithm).
+      cache_dir: read a remote checkpoint through a local cache there (fetched once; see
+        `fetch`); None reads it directly.
+      **model_overrides: other `VisionTransformer` fields.
+
+    Returns:
+      `(model, params)`: the model and a nested dict of float32 numpy arrays with exactly the
+      model's parameter tree.
+
+    Raises:
+      CheckpointError: unknown name, missing or unreadable file, a bad override, or parameters
+        that do not fit the model (every missing / unexpected key and shape mismatch is listed).
+    """
+    ckpt = read_vit(path_or_name, cache_dir=cache_dir)
+    model = build_vit(ckpt, num_classes=ckpt.num_classes if num_classes is None else num_classes,
+                      **model_overrides)
+    return model, load_into(model, ckpt, image_size=image_size)
+
+
+def build_vit(ckpt: VitFile, **fields) -> vit.VisionTransformer:
+    """The file's architecture with `fields` (the run's options, a class count) on top.
+
+    Raises:
+      CheckpointError: a field `VisionTransformer` does not have.
+    """
+    try:
+        return vit.VisionTransformer(**{**ckpt.architecture, **fields})
+    except TypeError as e:
+        raise CheckpointError(f"Bad model override for {ckpt.path!r}: {e}") from e
 
 
 def save_augreg(path: str, params: Mapping[str, Any]) -> None:

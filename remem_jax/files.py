@@ -13,6 +13,8 @@ import uuid
 from typing import Any, Iterable, Optional, Union
 
 CHUNK_BYTES = 16 << 20  # streaming copies move 16 MiB at a time
+TEMPORARY_MARK = ".tmp-"  # atomic_write's temporary files: <path>.tmp-<32 hex digits>
+_TEMPORARY = re.compile(re.escape(TEMPORARY_MARK) + r"[0-9a-f]{32}$")
 
 
 def gfile():
@@ -78,7 +80,7 @@ def atomic_write(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
     parent = os.path.dirname(path)
     if parent:
         makedirs(parent)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
     try:
         if is_remote(path):
             with gfile().GFile(tmp, "wb") as f:
@@ -95,6 +97,21 @@ def atomic_write(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
     finally:
         if exists(tmp):
             (gfile().remove if is_remote(tmp) else os.remove)(tmp)
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Removes the temporary files of interrupted `atomic_write`s under `root`; returns their paths.
+
+    Call it only while no writer is running there (at the start of a run, by the process that
+    holds the workdir).
+    """
+    if not exists(root):
+        return []
+    walk = gfile().walk(root) if is_remote(root) else os.walk(root)
+    stale = [os.path.join(folder, name) for folder, _, names in walk for name in names if _TEMPORARY.search(name)]
+    for path in stale:
+        (gfile().remove if is_remote(path) else os.remove)(path)
+    return stale
 
 
 class IncompleteCopyError(OSError):

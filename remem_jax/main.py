@@ -2,8 +2,10 @@
 
 Each stage reads what earlier stages wrote to the workdir and writes its own
 outputs there; a re-run resumes from the checkpoints and skips finished work.
-The final metrics of every stage go to `DIR/results.json`, the student table to
-`DIR/results.md`, and TensorBoard summaries to `DIR`.
+Each stage writes its results to `DIR/<its folder>/results.json` and its table to
+`DIR/<its folder>/results.md`; `DIR/results.json` holds every stage's results and
+`DIR/results.md` every stage's table in run order; TensorBoard summaries go to `DIR`.
+The stages are those of the stage table (`remem_jax.train.stages`).
 
 Mistakes in the input (an unknown config field or value, a missing checkpoint or
 dataset) end the program with a one-line message and exit status 2. Start-up
@@ -28,24 +30,15 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "work is not redone); the change is recorded in <workdir>/config.json.")
 
 
-def stage_functions():
-    """Stage name -> function(RunContext) -> results dict."""
-    from remem_jax.analysis import stage as analysis_stage
-    from remem_jax.train import distill, linear_probe, teacher, tinymim, wecolora
-    return {
-        "pretrain_teacher": teacher.pretrain_teacher,
-        "finetune_teacher": teacher.finetune_teacher,
-        "distill_student": distill.distill_student,
-        "fewshot_distill": wecolora.fewshot_distill,
-        "linear_probe": linear_probe.linear_probe,
-        "relation_distill": tinymim.relation_distill,
-        "finetune_student": tinymim.finetune_student,
-        "analyze": analysis_stage.analyze,
-    }
+def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=None) -> dict:
+    """Checks `config`, `workdir` and the data, then runs the stages; returns every stage's results.
 
-
-def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
-    """Checks `config`, `workdir` and the data, then runs the stages; returns every stage's results."""
+    Args:
+      config: the run's config.
+      workdir: where the stages write (see `remem_jax.train.handoff` for the layout).
+      allow_config_change: continue a workdir whose started stages read changed fields.
+      stage_table: name -> `Stage`; None: `remem_jax.train.stages.table()`, every stage of the library.
+    """
     import jax
     from clu import metric_writers
     from jax.experimental import multihost_utils
@@ -53,36 +46,54 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     from remem_jax import config_validation, files
     from remem_jax import workdir as workdir_lib
     from remem_jax.data import sources
-    from remem_jax.train import common
+    from remem_jax.train import common, runs
+    from remem_jax.train import stages as stages_lib
 
-    stages = stage_functions()
-    config_validation.validate(config, stages)
+    table = stages_lib.table() if stage_table is None else stage_table
+    config_validation.validate(config, table)
     workdir_lib.prepare(workdir, create=common.is_chief())
-    record = workdir_lib.check_resume(workdir, config.to_dict(), stages, allow_change=allow_config_change,
+    record = workdir_lib.check_resume(workdir, config.to_dict(), table, allow_change=allow_config_change,
                                       log=logging.warning)
+    results_path = os.path.join(workdir, runs.RESULTS_JSON)
+    previous = files.read_json(results_path, default={})
+    stages_lib.check_needs(config, table, finished=finished_stages(workdir, table, previous))
     data_report = sources.check_ready(config.data, config.dataset)
     if common.is_chief():
+        for path in files.remove_stale_temporaries(workdir):
+            logging.warning("Removed %s, left by an interrupted write.", path)
         record.write()
     logging.info("JAX process %d/%d, %d local devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.devices()[0].platform)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ctx = common.RunContext(config=config, workdir=workdir, writer=writer)
-    results_path = ctx.path("results.json")
-    ctx.results = files.read_json(results_path, default={})
+    ctx.results = previous
     ctx.results["config"] = config.to_dict()
     ctx.results["data"] = data_report
     for name in config.stages:
         logging.info("=== stage %s ===", name)
+        stage = table[name]
         if common.is_chief():
             record.stage_started(name)
-        ctx.results[name] = stages[name](ctx)
+        output = stage.run(ctx)
+        results = dict(output.results)
         if "skipped_bad_images" in data_report:
-            ctx.results[name]["skipped_bad_images"] = data_report["skipped_bad_images"]
+            results["skipped_bad_images"] = data_report["skipped_bad_images"]
+        ctx.results[name] = results
+        runs.write_stage_results(workdir, name, stage.folder, results, output.table)
+        runs.write_run_table(workdir, [(n, table[n].folder) for n in record.data["started_stages"] if n in table])
         common.write_json(results_path, ctx.results)
         # Later stages read what this one wrote (process 0): every host waits for it.
         multihost_utils.sync_global_devices(f"stage {name} done")
     writer.close()
     return ctx.results
+
+
+def finished_stages(workdir: str, table, previous_results: dict) -> list[str]:
+    """Stages that finished in earlier runs of `workdir` (their results file, or their results.json entry)."""
+    from remem_jax import files
+    from remem_jax.train import runs
+    return [name for name, stage in table.items()
+            if name in previous_results or files.exists(runs.stage_results_paths(workdir, stage.folder)[0])]
 
 
 def _user_error_types():

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from remem_jax import tree
+from remem_jax import errors, tree
 
 Schedule = Callable[[jax.Array], jax.Array]
 GradFn = Callable[..., tuple[tuple[jax.Array, Any], Any]]
@@ -62,6 +62,21 @@ def default_warmup_steps(total_steps: int) -> int:
 # ----------------------------------------------------------------------------- optimizer
 
 OPTIMIZERS = ("sgd", "adam")  # what `make_optimizer(optimizer=...)` accepts
+
+
+def epoch_schedule_steps(num_examples: int, batch_size: int, epochs: int, warmup_epochs: int, *,
+                         section: str) -> tuple[int, int, int]:
+    """`(steps_per_epoch, total_steps, warmup_steps)` of an epoch-based run (last partial batch dropped).
+
+    Raises:
+      UserError: `config.<section>.batch_size` exceeds the examples, so an epoch has no full batch.
+    """
+    steps_per_epoch = num_examples // batch_size
+    if steps_per_epoch < 1:
+        raise errors.UserError(
+            f"config.{section}.batch_size={batch_size} is larger than the {num_examples} training examples, so "
+            f"an epoch has no full batch; lower the batch size or use more data (config.data.few_shot_*).")
+    return steps_per_epoch, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
 
 
 def kernel_mask(params: Any) -> Any:

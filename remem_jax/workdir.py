@@ -10,16 +10,18 @@ A later start compares its config with the stored one. A change to a field that 
 a stage already started there computes is refused (the run would mix two configs) unless
 `--allow_config_change` is given; then it is recorded. Changes that cannot alter results
 (`RESULT_NEUTRAL_FIELDS`), a changed `config.stages` (a pipeline extended or narrowed), and
-changes to the fields of stages that have not started yet are allowed and recorded.
+changes to the fields of stages that have not started yet are allowed and recorded. Which stages
+read a field is the stage table's to say (`Stage.section` and `Stage.reads`).
 """
 from __future__ import annotations
 
 import datetime
 import fnmatch
 import json
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from remem_jax import errors, files
+from remem_jax.train import stages as stage_table
 
 CONFIG_FILE = "config.json"
 
@@ -36,20 +38,6 @@ RESULT_NEUTRAL_FIELDS = (
     "teacher.cache_dir",     # where the same remote checkpoint is cached
 )
 
-# Fields read by one stage only (section prefix or full name); any other field (dataset, seed,
-# data.*) is read by every stage. While no reading stage has started, a field may change.
-_FIELD_STAGES = {
-    "pretrain.": ("pretrain_teacher",),
-    "finetune.": ("finetune_teacher", "analyze"),  # analyze reads the kept settings and the prune fine-tune optimizer
-    "distill.": ("distill_student",),
-    "teacher.checkpoint": ("finetune_teacher", "relation_distill", "fewshot_distill"),
-    "teacher.dtype": ("distill_student", "relation_distill", "fewshot_distill", "linear_probe"),
-    "wecolora.": ("fewshot_distill",),
-    "linear_probe.": ("linear_probe",),
-    "tinymim.": ("relation_distill", "finetune_student"),  # finetune_student re-reads the run list
-    "student_finetune.": ("finetune_student",),
-    "analysis.": ("analyze",),
-}
 _ABSENT = "<absent>"
 
 
@@ -86,13 +74,6 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def stages_reading(field: str, all_stages: Iterable[str]) -> tuple[str, ...]:
-    for prefix, stages in _FIELD_STAGES.items():
-        if field == prefix or (prefix.endswith(".") and field.startswith(prefix)):
-            return stages
-    return tuple(all_stages)
-
-
 def is_result_neutral(field: str) -> bool:
     return any(fnmatch.fnmatchcase(field, pattern) for pattern in RESULT_NEUTRAL_FIELDS)
 
@@ -125,9 +106,11 @@ class Record:
             self.write()
 
 
-def check_resume(workdir: str, config_dict: Mapping[str, Any], stage_names: Iterable[str], *,
+def check_resume(workdir: str, config_dict: Mapping[str, Any], stages: Mapping[str, Any], *,
                  allow_change: bool = False, log=None) -> Record:
     """Compares `config_dict` with the config `workdir` was started with.
+
+    `stages` is the stage table (`remem_jax.train.stages.table()`): it says which stages read a field.
 
     Returns:
       The record to store once the run's other start-up checks pass (`Record.write`).
@@ -151,7 +134,7 @@ def check_resume(workdir: str, config_dict: Mapping[str, Any], stage_names: Iter
     for field, (old, new) in changes.items():
         if field == "stages" or is_result_neutral(field) or _ABSENT in (old, new):
             continue  # (a field only one side has comes from a library upgrade; recorded, not refused)
-        readers = [s for s in stages_reading(field, stage_names) if s in started]
+        readers = [s for s in stage_table.stages_reading(field, stages) if s in started]
         if readers:
             refused[field] = readers
     if refused and not allow_change:

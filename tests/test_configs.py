@@ -6,7 +6,8 @@ import os
 import pytest
 
 from configs import common, remem
-from remem_jax import config_validation, main
+from remem_jax import config_validation
+from remem_jax.train import stages as stages_lib
 from remem_jax.data import registry
 from remem_jax.errors import UserError
 
@@ -14,7 +15,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 # Config files with a plain get_config(); configs/remem.py takes the dataset as its argument.
 CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
                       if f.endswith(".py") and f not in ("__init__.py", "common.py", "remem.py"))
-STAGES = main.stage_functions()
+STAGES = stages_lib.table()
 # Datasets whose files are wherever the user says: placeholders for the paths they need.
 USER_PATHS = {"image_folder": {"image_folder": "/data/my_images"},
               "imagenet_lt": {"imagenet_lt_train_list": "/data/ImageNet_LT_train.txt",

@@ -389,8 +389,9 @@ def test_distill_stage_export_uses_the_eval_pipeline_and_is_reused(tmp_path):
 
 def test_unknown_export_format_in_config_is_rejected_at_start_up():
     from configs import common
-    from remem_jax import config_validation, main
+    from remem_jax import config_validation
+    from remem_jax.train import stages as stages_lib
     config = common.get_config()
     config.distill.export_formats = ("tflite", "onnx")
     with pytest.raises(errors.UserError, match="config.distill.export_formats must be a tuple of stablehlo"):
-        config_validation.validate(config, main.stage_functions())
+        config_validation.validate(config, stages_lib.table())

@@ -1,4 +1,5 @@
 """Start-up checks of `remem_jax.main.run`: the workdir, the config it was started with, the data first."""
+import dataclasses
 import json
 import os
 
@@ -8,20 +9,22 @@ import tensorflow as tf
 from configs import digits
 from remem_jax import checkpoints, errors, main, workdir as workdir_lib
 from remem_jax.data import DataNotFoundError
+from remem_jax.train import stages as stages_lib
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    """Stages that only record that they ran, so `run` itself is what is tested."""
+    """The real stage entries with runs that only record that they ran, so `run` itself is what is tested."""
     ran = []
+    real = stages_lib.table()
 
     def stage(name):
         def fn(ctx):
             ran.append(name)
-            return {"ran": name}
-        return fn
+            return stages_lib.StageOutput({"ran": name}, f"| ran |\n|---|\n| {name} |")
+        return dataclasses.replace(real[name], run=fn)
     names = ("pretrain_teacher", "finetune_teacher", "distill_student")
-    monkeypatch.setattr(main, "stage_functions", lambda: {n: stage(n) for n in names})
+    monkeypatch.setattr(stages_lib, "table", lambda: {n: stage(n) for n in names})
     return ran
 
 
@@ -113,10 +116,15 @@ def test_shared_fields_protect_every_started_stage():
     old = {"seed": 0, "data": {"image_size": 32}, "stages": ["finetune_teacher"]}
     assert workdir_lib.config_changes(old, {"seed": 1, "data": {"image_size": 32}, "stages": ("finetune_teacher",)}) \
         == {"seed": [0, 1]}
-    assert workdir_lib.stages_reading("data.image_size", ["a", "b"]) == ("a", "b")
-    assert workdir_lib.stages_reading("teacher.checkpoint", ["a"]) == ("finetune_teacher", "relation_distill",
-                                                                      "fewshot_distill")
-    assert workdir_lib.stages_reading("wecolora.d", ["a"]) == ("fewshot_distill",)
+    table = stages_lib.table()
+    assert stages_lib.stages_reading("data.image_size", table) == tuple(table)
+    assert set(stages_lib.stages_reading("teacher.checkpoint", table)) == {"finetune_teacher", "relation_distill",
+                                                                          "fewshot_distill"}
+    assert set(stages_lib.stages_reading("teacher.dtype", table)) == {"distill_student", "relation_distill",
+                                                                     "fewshot_distill", "linear_probe"}
+    assert stages_lib.stages_reading("wecolora.d", table) == ("fewshot_distill",)
+    assert set(stages_lib.stages_reading("finetune.lr", table)) == {"finetune_teacher", "analyze"}
+    assert set(stages_lib.stages_reading("tinymim.steps", table)) == {"relation_distill", "finetune_student"}
     assert workdir_lib.is_result_neutral("distill.log_every") and not workdir_lib.is_result_neutral("data.image_size")
 
 
@@ -143,7 +151,7 @@ def test_every_finetune_setting_reads_the_one_cached_teacher(tmp_path, monkeypat
     import numpy as np
     from remem_jax import tree
     from remem_jax.models import vit
-    from remem_jax.train import common, teacher
+    from remem_jax.train import common, teacher, vit_finetune
 
     model = vit.create_vit("Ti_8", 10, num_layers=1)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
@@ -153,11 +161,19 @@ def test_every_finetune_setting_reads_the_one_cached_teacher(tmp_path, monkeypat
     real = tf.io.gfile.GFile
     monkeypatch.setattr(tf.io.gfile, "GFile", lambda p, mode="r": (reads.append(p) if p == remote else None)
                         or real(p, mode))
-    monkeypatch.setattr(teacher, "train_classifier", lambda ctx, name, setup, *a, **k: (None, []))  # load only
+    class Loaded(Exception):
+        pass
+
+    def load_only(*args, **kwargs):
+        raise Loaded()
+    monkeypatch.setattr(vit_finetune, "train_classifier", load_only)
     c = config()
     c.data.image_size = 16
     c.teacher.checkpoint = remote
     c.teacher.cache_dir = str(tmp_path / "cache")
-    out = teacher.finetune_teacher(common.RunContext(config=c, workdir=str(tmp_path / "run")))
-    assert set(out) == {"remem", "vanilla"} and reads == [remote]
+    ctx = common.RunContext(config=c, workdir=str(tmp_path / "run"))
+    for setting in ("remem", "vanilla"):
+        with pytest.raises(Loaded):
+            teacher.finetune_setting(ctx, setting)
+    assert reads == [remote]
     assert tree.param_count(params) > 0 and os.path.exists(checkpoints.cached_path(remote, c.teacher.cache_dir))

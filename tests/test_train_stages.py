@@ -8,7 +8,7 @@ import pytest
 from configs import digits
 from remem_jax import checkpoints, errors
 from remem_jax.models import vit
-from remem_jax.train import common, state as state_lib, teacher, tinymim, wecolora
+from remem_jax.train import common, handoff, state as state_lib, teacher, tinymim, vit_finetune, wecolora
 
 IMAGE_SIZE = 16
 
@@ -75,7 +75,7 @@ def test_resume_after_interruption_is_bit_identical(teacher_npz, tmp_path, monke
         teacher.finetune_teacher(context(tiny_config(), resumed, teacher_npz))
     assert sorted(os.listdir(resumed / "finetune" / "remem" / "checkpoints")) == ["3"]
     monkeypatch.setattr(common, "train_iterator_factory", real_factory)
-    summary = teacher.finetune_teacher(context(tiny_config(), resumed, teacher_npz))["remem"]
+    summary = teacher.finetune_teacher(context(tiny_config(), resumed, teacher_npz)).results["remem"]
 
     want, got = final_params(uninterrupted), final_params(resumed)
     assert sorted(want) == sorted(got)
@@ -88,7 +88,7 @@ def relation_distill_config():
     c = tiny_config()
     c.tinymim.update(dict(student="Ti_8", num_layers=1, steps=6, batch_size=16, lr=3e-3, warmup_steps=0,
                           eval_batches=1, checkpoint_every=3, log_every=3))
-    return c, tinymim.relation_distill, os.path.join(tinymim.DISTILL_DIR, "relation_block1")
+    return c, tinymim.relation_distill, os.path.join(handoff.TINYMIM_DIR, "relation_block1")
 
 
 def fewshot_distill_config():
@@ -96,7 +96,7 @@ def fewshot_distill_config():
     c.data.few_shot_per_class = 4  # 40 images: 2 steps per epoch at batch 16, 6 in all
     c.wecolora.update(dict(variants=("wecolora",), lora_rank=2, epochs=3, warmup_epochs=1, batch_size=16,
                            checkpoint_every=3, log_every=3))
-    return c, wecolora.fewshot_distill, os.path.join(wecolora.STAGE, "wecolora")
+    return c, wecolora.fewshot_distill, os.path.join(handoff.FEWSHOT_DIR, "wecolora")
 
 
 @pytest.mark.parametrize("make_config", [relation_distill_config, fewshot_distill_config],
@@ -155,7 +155,7 @@ def test_exported_teacher_is_a_plain_npz_with_the_reweighted_logits(teacher_npz,
     config = tiny_config(mode=mode, steps=2, keep_steps=(2,), lora_rank=4, lora_alpha=4.0, lr=0.05,
                          checkpoint_every=2)
     ctx = context(config, tmp_path, teacher_npz)
-    summary = teacher.finetune_teacher(ctx)["remem"]
+    summary = teacher.finetune_teacher(ctx).results["remem"]
     exported = summary["kept"][0]["checkpoint"]
     plain_model, plain = checkpoints.load_augreg(exported)
     assert plain_model.mlp_alpha == 1.0 and "lora" not in plain
@@ -165,7 +165,7 @@ def test_exported_teacher_is_a_plain_npz_with_the_reweighted_logits(teacher_npz,
     model, base = checkpoints.load_augreg(teacher_npz, num_classes=10, image_size=IMAGE_SIZE, mlp_alpha=0.8)
     if mode == "adapter":
         model = model.clone(adapter_dim=192 // 16)
-    setup = teacher.setup_finetune(model, base, mode, ctx.rng("finetune", "remem", "surgery"),
+    setup = vit_finetune.setup_finetune(model, base, mode, ctx.rng("finetune", "remem", "surgery"),
                                    image_size=IMAGE_SIZE, lora_rank=4, lora_alpha=4.0)
     tx = common.make_tx(config.finetune, 2)
     like = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.PRNGKey(0), frozen={})

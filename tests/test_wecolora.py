@@ -35,7 +35,7 @@ def test_copied_student_is_the_teacher_without_the_other_blocks(d):
     flat, model, params = _teacher(num_layers=6)
     setup = wecolora.build_student("weco_kd", model, params, d=d, lora_rank=2, image_size=SIZE,
                                    rng=jax.random.PRNGKey(0))
-    assert setup.model.num_layers == len(range(0, 6, d)) == wecolora.student_depth(6, d)
+    assert setup.model.num_layers == len(range(0, 6, d)) == surgery.student_depth(6, d)
     others = [i for i in range(6) if i % d]
     images = _images(2)
     got = setup.model.apply({"params": setup.combine(setup.trainable, setup.frozen)}, images)
@@ -188,6 +188,6 @@ def test_adam_betas_reach_the_optimizer():
 
 
 def test_schedule_steps_drop_the_last_partial_batch_and_reject_an_empty_epoch():
-    assert wecolora.schedule_steps(135, 32, 10, 2, section="wecolora") == (4, 40, 8)
+    assert optim.epoch_schedule_steps(135, 32, 10, 2, section="wecolora") == (4, 40, 8)
     with pytest.raises(Exception, match=r"config.wecolora.batch_size=64 is larger than the 40"):
-        wecolora.schedule_steps(40, 64, 10, 2, section="wecolora")
+        optim.epoch_schedule_steps(40, 64, 10, 2, section="wecolora")

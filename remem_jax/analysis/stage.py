@@ -34,14 +34,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from remem_jax import checkpoints, errors, files
+from remem_jax import checkpoints, config_validation as cv, errors, files
 from remem_jax.analysis import criticality as criticality_lib
 from remem_jax.analysis import expertness as expertness_lib
 from remem_jax.analysis import features, plots
 from remem_jax.analysis import mutual_information as mi_lib
 from remem_jax.analysis import pruning as pruning_lib
 from remem_jax.analysis import rollout as rollout_lib
-from remem_jax.train import common, evaluate
+from remem_jax.train import common, evaluate, handoff, runs, stages, vit_finetune
 
 TOOLS = ("mi", "expertness", "criticality", "pruning", "rollout")
 KEPT_SELECTIONS = ("all", "last")
@@ -79,14 +79,8 @@ def analysis_checkpoints(ctx: common.RunContext) -> list[dict]:
             out.append({"label": label if seen[label] == 1 else f"{label}_{seen[label]}", "checkpoint": path,
                         "group": "checkpoints"})
         return out
-    for setting in ctx.config.finetune.settings:
-        kept_path = ctx.path("finetune", setting, "kept.json")
-        kept = files.read_json(kept_path, default={})
-        entries = [kept[k] for k in sorted(kept, key=int)]
-        if a.kept_steps == "last":
-            entries = entries[-1:]
-        out.extend({"label": f"{setting}_step{e['step']}", "checkpoint": e["checkpoint"], "group": setting,
-                    "step": e["step"]} for e in entries)
+    out = [{"label": f"{e['setting']}_step{e['step']}", "checkpoint": e["checkpoint"], "group": e["setting"],
+            "step": e["step"]} for e in handoff.kept_teachers(ctx, a.kept_steps)]
     if not out:
         raise errors.UserError(f"config.analysis.checkpoints is empty and no kept teachers were found in "
                                f"{ctx.path('finetune')}/<setting>/kept.json; pass "
@@ -176,16 +170,16 @@ class _Analyzer:
         finetune = None
         if a.prune_finetune_steps:
             def finetune(name, m, p):
-                from remem_jax.train import teacher
-                run_dir = ctx.path("analysis", "pruning", label, name)
+                # Not a committed sub-run: the checkpoint's cached analysis (checkpoints/<label>.json) is.
+                sub = runs.SubRun(ctx, f"analysis/prune/{label}/{name}",
+                                  ctx.path(handoff.ANALYSIS_DIR, "pruning", label, name))
                 section = ml_collections.ConfigDict(ctx.config.finetune.to_dict())
                 section.update(dict(steps=a.prune_finetune_steps, eval_every=0, checkpoint_every=0))
-                setup = teacher.setup_finetune(m, p, "full", ctx.rng("analysis", "prune", label, name),
-                                               image_size=ctx.config.data.image_size)
-                final, _ = teacher.train_classifier(
-                    ctx, f"analysis/prune/{label}/{name}", setup, section, steps=a.prune_finetune_steps,
-                    sam_rho=0.0, sync_perturbations=False, accum_steps=1, run_dir=run_dir,
-                    seed_name=f"analysis-prune-{label}-{name}")
+                setup = vit_finetune.setup_finetune(m, p, "full", ctx.rng("analysis", "prune", label, name),
+                                                    image_size=ctx.config.data.image_size)
+                final, _ = vit_finetune.train_classifier(
+                    sub, setup, section, steps=a.prune_finetune_steps, sam_rho=0.0, sync_perturbations=False,
+                    accum_steps=1, seed_name=f"analysis-prune-{label}-{name}")
                 return jax.tree.map(np.asarray, setup.combine(final.params, final.frozen))
         return pruning_lib.sweep(model, params, branches, a.prune_max_blocks, measure=measure, finetune=finetune)
 
@@ -202,8 +196,7 @@ class _Analyzer:
         label = entry["label"]
         model, params = checkpoints.load_augreg(entry["checkpoint"], num_classes=ctx.num_classes,
                                                 image_size=ctx.config.data.image_size,
-                                                cache_dir=ctx.config.teacher.get("cache_dir") or
-                                                checkpoints.default_cache_dir())
+                                                cache_dir=handoff.teacher_cache_dir(ctx))
         out = dict(entry, num_layers=model.num_layers, hidden_size=model.hidden_size, mlp_dim=model.mlp_dim,
                    eval=self.accuracy(model, params))
         logging.info("analyze/%s: %s %.4f", label, ctx.metric, out["eval"][ctx.metric])
@@ -228,11 +221,11 @@ def _request(ctx: common.RunContext, entry: dict) -> dict:
             "finetune": ctx.config.finetune.to_dict() if ctx.config.analysis.prune_finetune_steps else None}
 
 
-def analyze(ctx: common.RunContext) -> dict:
+def analyze(ctx: common.RunContext) -> stages.StageOutput:
     """The `analyze` stage (see the module docstring); returns the summary written to analysis.json."""
     import json
     a = ctx.config.analysis
-    out_dir = ctx.path("analysis")
+    out_dir = ctx.path(handoff.ANALYSIS_DIR)
     entries = analysis_checkpoints(ctx)
     if a.prune_checkpoints == "last":
         last_of_group = {e["group"]: e["label"] for e in entries}
@@ -255,7 +248,7 @@ def analyze(ctx: common.RunContext) -> dict:
     summary = write_outputs(ctx, results)
     if common.is_chief():
         print(summary["markdown"])
-    return {k: v for k, v in summary.items() if k != "markdown"}
+    return stages.StageOutput({k: v for k, v in summary.items() if k != "markdown"}, summary["markdown"])
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -320,7 +313,7 @@ def _headline_mi(result: dict):
 
 def write_outputs(ctx: common.RunContext, results: list[dict]) -> dict:
     """Writes the per-tool JSON, analysis.json, analysis.md and the PNGs; returns the summary."""
-    out_dir = ctx.path("analysis")
+    out_dir = ctx.path(handoff.ANALYSIS_DIR)
     metric = ctx.metric
     chief = common.is_chief()
     plot_files = []
@@ -362,3 +355,41 @@ def write_outputs(ctx: common.RunContext, results: list[dict]) -> dict:
         "plots": plot_files, "outputs": out_dir}
     common.write_json(os.path.join(out_dir, "analysis.json"), dict(summary, results=results))
     return dict(summary, markdown=text)
+
+
+def validate(config) -> None:
+    a = config.analysis
+    tools = [t.strip() for t in str(a.tools).split(",") if t.strip()]
+    cv.check(bool(tools) and all(t in TOOLS for t in tools), "analysis.tools",
+             f"a comma list of {', '.join(TOOLS)}", a.tools)
+    cv.check(isinstance(a.checkpoints, str), "analysis.checkpoints", "a comma-separated string of npz paths or names "
+             "('' = the kept teachers)", a.checkpoints)
+    cv.one_of("analysis.kept_steps", a.kept_steps, KEPT_SELECTIONS)
+    cv.one_of("analysis.prune_checkpoints", a.prune_checkpoints, PRUNE_SELECTIONS)
+    for name in ("num_images", "num_train_images", "batch_size", "decoder_steps", "decoder_batch_size",
+                 "criticality_images", "criticality_chunk", "criticality_top_k", "rollout_images"):
+        cv.positive_int(config, f"analysis.{name}")
+    cv.optional_positive_int(config, "analysis.criticality_max_neurons", "every neuron")
+    cv.check(a.decoder_lr > 0, "analysis.decoder_lr", "> 0", a.decoder_lr)
+    cv.check(a.decoder_weight_decay >= 0, "analysis.decoder_weight_decay", ">= 0", a.decoder_weight_decay)
+    cv.check(len(tuple(a.decoder_channels)) > 0 and all(cv.is_int(c) and c > 0 for c in a.decoder_channels),
+             "analysis.decoder_channels", "a non-empty tuple of positive integers", a.decoder_channels)
+    branches = [b.strip() for b in str(a.prune_branches).split(",") if b.strip()]
+    cv.check(bool(branches) and all(b in pruning_lib.BRANCHES for b in branches), "analysis.prune_branches",
+             f"a comma list of {', '.join(pruning_lib.BRANCHES)}", a.prune_branches)
+    for name in ("prune_max_blocks", "prune_finetune_steps"):
+        value = a[name]
+        cv.check(cv.is_int(value) and value >= 0, f"analysis.{name}", "an integer >= 0", value)
+    if a.prune_finetune_steps and "pruning" in tools:
+        cv.positive_int(config, "finetune.batch_size")
+        cv.check(config.finetune.lr > 0, "finetune.lr", "> 0 (the pruning sweep's fine-tune uses it)",
+                 config.finetune.lr)
+
+
+STAGES = (
+    # It reads config.finetune: the kept teachers' settings, and the pruning fine-tune's optimizer.
+    stages.Stage("analyze", folder=handoff.ANALYSIS_DIR, section="analysis", run=analyze, validate=validate,
+                 reads=("finetune.",),
+                 needs=(stages.Need("finetune_teacher", "the kept teachers (config.analysis.checkpoints is '')",
+                                    lambda config: not parse_list(config.analysis.checkpoints)),)),
+)

@@ -13,7 +13,7 @@ One idea per module:
   `partition`, `merge_partitions`, `split_trainable`, `trainable_mask`).
 * `adapters`: `init_adapters` (fresh Houlsby adapter leaves).
 * `fold`: `fold_reweighting`, a ReMem-reweighted model as a plain ViT tree.
-* `weight_copy`: `copy_every_dth_block` (WeCoLoRA).
+* `weight_copy`: `copy_every_dth_block`, `student_depth` (WeCoLoRA).
 * `pruning`: `drop_blocks`, `zero_mlp_neurons`.
 * `base`: the error type and the block bookkeeping the others share.
 
@@ -28,12 +28,12 @@ from remem_jax.surgery.lora import (FACTOR_POLICIES, FACTORED_TARGET, LORA_INITS
 from remem_jax.surgery.partition import (TRAINABLE_MODES, merge_partitions, partition, split_trainable,
                                          trainable_mask, trainable_predicate)
 from remem_jax.surgery.pruning import drop_blocks, zero_mlp_neurons
-from remem_jax.surgery.weight_copy import copy_every_dth_block
+from remem_jax.surgery.weight_copy import copy_every_dth_block, student_depth
 
 __all__ = [
     "FACTOR_POLICIES", "FACTORED_TARGET", "LORA_INITS", "LORA_KEY", "LORA_PRESETS", "TRAINABLE_MODES", "LoraConfig", "SurgeryError",
     "apply_lora", "attach_lora", "copy_every_dth_block", "detach_lora", "drop_blocks", "effective_params",
     "factoring_pays", "fold_reweighting", "init_adapters", "init_lora", "lora_dims", "lora_param_count", "lora_targets",
-    "lora_variables", "merge_lora", "merge_partitions", "partition", "split_trainable", "trainable_mask", "trainable_predicate",
+    "lora_variables", "merge_lora", "merge_partitions", "partition", "split_trainable", "student_depth", "trainable_mask", "trainable_predicate",
     "zero_mlp_neurons",
 ]

@@ -24,3 +24,8 @@ def copy_every_dth_block(params: Params, d: int) -> dict[str, Any]:
         raise SurgeryError(f"Weight-copy factor d must be an integer in [1, {num}] "
                            f"(the teacher has {num} blocks), got {d!r}.")
     return renumber_blocks(params, list(range(0, num, int(d))))
+
+
+def student_depth(teacher_depth: int, d: int) -> int:
+    """ceil(L / d): the number of blocks {0, d, 2d, ...} `copy_every_dth_block` keeps of L."""
+    return len(range(0, teacher_depth, d))

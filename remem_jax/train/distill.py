@@ -13,13 +13,12 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.experimental import multihost_utils
 
-from remem_jax import checkpoints, errors, export, files, losses, tree
+from remem_jax import checkpoints, config_validation as cv, errors, export, files, losses, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import students
-from remem_jax.train import common, loop, state as state_lib, step as step_lib
+from remem_jax.train import common, handoff, runs, stages, state as state_lib, step as step_lib
 
 METHODS = ("kd", "dist", "patient")
 TEACHER_SELECTIONS = ("all", "last")  # config.distill.teachers: every kept checkpoint, or the last per setting
@@ -71,16 +70,10 @@ def distillation_loss(student, teacher, objective):
 
 def kept_teachers(ctx: common.RunContext) -> list[dict]:
     """Every teacher checkpoint the finetune stage exported (or the last of each setting)."""
-    teachers = []
-    for setting in ctx.config.finetune.settings:
-        kept = files.read_json(ctx.path("finetune", setting, "kept.json"), default={})
-        entries = [kept[k] for k in sorted(kept, key=int)]
-        if ctx.config.distill.teachers == "last":
-            entries = entries[-1:]
-        teachers.extend(entries)
+    teachers = handoff.kept_teachers(ctx, ctx.config.distill.teachers)
     if not teachers:
-        raise errors.UserError(f"No fine-tuned teachers in {ctx.path('finetune')}; run the 'finetune_teacher' "
-                               "stage first (put it before 'distill_student' in config.stages).")
+        raise errors.UserError(f"No fine-tuned teachers in {ctx.path(handoff.FINETUNE_DIR)}; run the "
+                               "'finetune_teacher' stage first (put it before 'distill_student' in config.stages).")
     return teachers
 
 
@@ -131,35 +124,30 @@ def train_student(runner: StudentRunner, name: str, teacher_entry: Optional[dict
     """Distills one student from one teacher (or trains it from labels if none)."""
     ctx = runner.ctx
     d = ctx.config.distill
-    run_dir = ctx.path("distill", name)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("distill/%s: complete, skipping.", name)
-        return summary
-    teacher, frozen, method = None, {}, SCRATCH
-    if teacher_entry is not None:
-        teacher, teacher_params = checkpoints.load_augreg(
-            teacher_entry["checkpoint"], num_classes=ctx.num_classes, image_size=ctx.config.data.image_size,
-            dtype=DTYPES[ctx.config.teacher.dtype])
-        frozen, method = {"teacher": teacher_params}, d.method
-    params, batch_stats = runner.init_variables
-    state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
-                                         batch_stats=batch_stats)
-    mixup = mixup_alpha(method, d.mixup_alpha)
-    make_iter = common.train_iterator_factory(ctx, d.batch_size, seed=ctx.config.seed, mixup_alpha=mixup)
-    final, history = loop.run(
-        common.loop_config(f"distill/{name}", d, d.steps), step_fn=runner.step_fn(teacher, method), state=state,
-        make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")),
-        evaluate=runner.evaluator, writer=ctx.writer)
-    common.save_params(os.path.join(run_dir, "student.npz"),
-                            {"params": final.params, "batch_stats": final.batch_stats})
-    summary = {"name": name, "complete": True, "student": d.student, "method": method,
-               "teacher": teacher_entry, "student_eval": history[-1] if history else {},
-               "student_params": tree.param_count(final.params),
-               "student_checkpoint": os.path.join(run_dir, "student.npz")}
-    common.write_json(summary_path, summary)
-    return summary
+    run_dir = ctx.path(handoff.DISTILL_DIR, name)
+
+    def body(sub: runs.SubRun) -> dict:
+        teacher, frozen, method = None, {}, SCRATCH
+        if teacher_entry is not None:
+            teacher, teacher_params = checkpoints.load_augreg(
+                teacher_entry["checkpoint"], num_classes=ctx.num_classes, image_size=ctx.config.data.image_size,
+                dtype=DTYPES[ctx.config.teacher.dtype])
+            frozen, method = {"teacher": teacher_params}, d.method
+        params, batch_stats = runner.init_variables
+        state = state_lib.create_train_state(params, runner.tx, rng=ctx.rng("distill", name), frozen=frozen,
+                                             batch_stats=batch_stats)
+        mixup = mixup_alpha(method, d.mixup_alpha)
+        make_iter = common.train_iterator_factory(ctx, d.batch_size, seed=ctx.config.seed, mixup_alpha=mixup)
+        final, history = sub.train(state, runner.step_fn(teacher, method),
+                                   loop_config=common.loop_config(sub.name, d, d.steps),
+                                   make_train_iterator=make_iter, evaluate=runner.evaluator)
+        checkpoint = os.path.join(run_dir, "student.npz")
+        common.save_params(checkpoint, {"params": final.params, "batch_stats": final.batch_stats})
+        return sub.commit({"name": name, "student": d.student, "method": method, "teacher": teacher_entry,
+                           "student_eval": history[-1], "student_params": tree.param_count(final.params),
+                           "student_checkpoint": checkpoint}, metrics=("student_eval",))
+
+    return runs.resumable(ctx, f"distill/{name}", run_dir, body)
 
 
 def results_table(rows: list[dict], metric: str) -> str:
@@ -192,7 +180,7 @@ def export_best_student(best_dir: str, best: dict) -> None:
     common.write_json(marker, {"name": best["name"], "student_checkpoint": best["student_checkpoint"]})
 
 
-def distill_student(ctx: common.RunContext) -> dict:
+def distill_student(ctx: common.RunContext) -> stages.StageOutput:
     """Distills a student from every kept teacher, trains the scratch baseline, picks the best."""
     d = ctx.config.distill
     runner = StudentRunner(ctx)
@@ -201,11 +189,11 @@ def distill_student(ctx: common.RunContext) -> dict:
         rows.append(train_student(runner, SCRATCH, None))
     metric = ctx.metric
     distilled = [r for r in rows if r["method"] != SCRATCH]
-    best = max(distilled, key=lambda r: r["student_eval"].get(metric, -1.0))
+    best = max(distilled, key=lambda r: r["student_eval"][metric])
     split = ("the held-out validation split" if ctx.config.data.validation_percent
              else "the eval (test) split: no validation split is configured")
     table = results_table(rows, metric)
-    best_dir = ctx.path("best_student")
+    best_dir = ctx.path(handoff.BEST_STUDENT_DIR)
     export_best_student(best_dir, best)
     # model.json, then the serving formats (config.distill.export_formats), each verified on eval images.
     serving = export.export_for_serving(ctx.config, best_dir, ctx.num_classes)
@@ -213,9 +201,35 @@ def distill_student(ctx: common.RunContext) -> dict:
     report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
                         f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
                         f"Exported to {best_dir}/student.npz and {best_dir}/orbax{served}."])
-    common.write_text(ctx.path("results.md"), report + "\n")
     if common.is_chief():
         print(report)
-    return {"rows": rows, "best": best["name"], "metric": metric, "selected_on": split,
-            "best_dir": best_dir, "export": {f: {"file": e["file"], "max_abs_diff": e["max_abs_diff"]}
-                                             for f, e in (serving or {}).get("formats", {}).items()}}
+    return stages.StageOutput(
+        {"rows": rows, "best": best["name"], "metric": metric, "selected_on": split,
+         "best_dir": best_dir, "export": {f: {"file": e["file"], "max_abs_diff": e["max_abs_diff"]}
+                                          for f, e in (serving or {}).get("formats", {}).items()}}, report)
+
+
+def validate(config) -> None:
+    d = config.distill
+    for name in ("steps", "batch_size"):
+        cv.positive_int(config, f"distill.{name}")
+    cv.one_of("distill.student", d.student, students.STUDENTS)
+    cv.check(d.lr > 0, "distill.lr", "> 0", d.lr)
+    cv.warmup(config, "distill", "5% of steps")
+    cv.cadence(config, "distill")
+    cv.one_of("distill.method", d.method, METHODS)
+    cv.check(d.temperature > 0, "distill.temperature", "> 0", d.temperature)
+    cv.check(0.0 <= d.kd_weight <= 1.0, "distill.kd_weight", "in [0, 1]", d.kd_weight)
+    cv.check(d.mixup_alpha is None or d.mixup_alpha >= 0, "distill.mixup_alpha",
+             f"None ({PATIENT_MIXUP_ALPHA} for patient, 0 for kd/dist) or >= 0 (0: off)", d.mixup_alpha)
+    cv.one_of("distill.teachers", d.teachers, TEACHER_SELECTIONS)
+    cv.one_of("distill.dtype", d.dtype, DTYPES)
+    cv.check(isinstance(d.export_formats, (tuple, list)) and all(f in export.FORMATS for f in d.export_formats),
+             "distill.export_formats", f"a tuple of {', '.join(export.FORMATS)} (() for none)", d.export_formats)
+
+
+STAGES = (
+    stages.Stage("distill_student", folder=handoff.DISTILL_DIR, section="distill", run=distill_student,
+                 validate=validate, reads=("teacher.dtype",),
+                 needs=(stages.Need("finetune_teacher", "the kept teachers"),)),
+)

@@ -14,7 +14,6 @@ reference code's protocol (`max_accuracy`, selected on the test split: optimisti
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterator, Optional
 
 import jax
@@ -23,12 +22,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from remem_jax import checkpoints, devices, errors, files, losses, optim, surgery
+from remem_jax import checkpoints, config_validation as cv, devices, errors, losses, optim, surgery
 from remem_jax.data import pipeline, sources
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
 from remem_jax.models.probe_head import ProbeHead
-from remem_jax.train import common, evaluate, loop, state as state_lib, step as step_lib, wecolora
+from remem_jax.train import common, evaluate, handoff, loop, runs, stages, state as state_lib, step as step_lib
 
 STAGE = "linear_probe"
 TEACHER_ROW, COPY_ROW = "teacher", "weight_copy"
@@ -126,18 +125,16 @@ def make_probe_tx(p, total_steps: int, warmup_steps: int):
                            trust_coefficient=p.trust_coefficient)
 
 
-def train_probe(p, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,
-                num_classes: int, rng: jax.Array, seed: int, run_dir: str, name: str, writer=None,
-                total_train_examples: Optional[int] = None) -> dict:
+def train_probe(sub: runs.SubRun, p, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,
+                num_classes: int, rng: jax.Array, seed: int, total_train_examples: Optional[int] = None) -> dict:
     """Trains the probe head on cached features; evaluates on the cached test features every epoch.
 
     Args:
+      sub: the sub-run (its folder holds the checkpoints and the per-epoch evaluations: resumable).
       p: the `config.linear_probe` section.
       train, test: `(features, labels)` of this host.
       num_classes: classes of the head.
       rng: init key. seed: data-order seed.
-      run_dir: checkpoints go to `run_dir/checkpoints` (resumable).
-      name: shown in logs and summaries.
       total_train_examples: over all hosts (default: this host's).
 
     Returns:
@@ -145,8 +142,8 @@ def train_probe(p, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
     """
     features, labels = train
     total = total_train_examples or len(features)
-    steps_per_epoch, steps, warmup = wecolora.schedule_steps(total, p.batch_size, p.epochs, p.warmup_epochs,
-                                                             section="linear_probe")
+    steps_per_epoch, steps, warmup = optim.epoch_schedule_steps(total, p.batch_size, p.epochs, p.warmup_epochs,
+                                                                section="linear_probe")
     head = ProbeHead(num_classes, axis_name="batch")
     variables = jax.jit(lambda k: head.init(k, jnp.zeros((2, features.shape[1]), jnp.float32)))(rng)
     tx = make_probe_tx(p, steps, warmup)
@@ -163,11 +160,11 @@ def train_probe(p, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
         return cached_train_iterator(features, labels, global_batch_size=p.batch_size,
                                      steps_per_epoch=steps_per_epoch, seed=seed, start_step=start_step)
 
-    _, history = loop.run(
-        loop.LoopConfig(name=name, num_steps=steps, global_batch_size=p.batch_size, log_every=p.log_every,
-                        eval_every=steps_per_epoch, checkpoint_every=p.checkpoint_every),
-        step_fn=step_fn, state=state, make_train_iterator=make_iter,
-        checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")), evaluate=evaluator, writer=writer)
+    _, history = sub.train(
+        state, step_fn, make_train_iterator=make_iter, evaluate=evaluator,
+        loop_config=loop.LoopConfig(name=sub.name, num_steps=steps, global_batch_size=p.batch_size,
+                                    log_every=p.log_every, eval_every=steps_per_epoch,
+                                    checkpoint_every=p.checkpoint_every))
     metrics = [k for k in ("top1", "mean_per_class") if k in history[-1]]
     return {"final": history[-1], "max_over_epochs": {k: max(h[k] for h in history) for k in metrics},
             "epochs": p.epochs, "steps": steps, "history": history}
@@ -177,11 +174,10 @@ def train_probe(p, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
 
 def probe_models(ctx: common.RunContext) -> list[dict]:
     """The rows to probe: teacher and weight copy (if `reference_rows`), then every distilled student."""
-    distilled = ctx.results.get(wecolora.STAGE) or files.read_json(ctx.path("results.json"), default={}).get(
-        wecolora.STAGE)
+    distilled = handoff.fewshot_results(ctx)
     if not distilled:
-        raise errors.UserError(f"linear_probe needs the '{wecolora.STAGE}' stage's students; put "
-                               f"'{wecolora.STAGE}' before 'linear_probe' in config.stages.")
+        raise errors.UserError(f"linear_probe needs the '{handoff.FEWSHOT_STAGE}' stage's students; put "
+                               f"'{handoff.FEWSHOT_STAGE}' before 'linear_probe' in config.stages.")
     rows = []
     if ctx.config.linear_probe.reference_rows:
         rows.append({"name": TEACHER_ROW, "checkpoint": distilled["teacher"], "d": None})
@@ -192,42 +188,41 @@ def probe_models(ctx: common.RunContext) -> list[dict]:
 
 
 def load_row_model(ctx: common.RunContext, row: dict) -> tuple[vit.VisionTransformer, Any]:
-    dtype = DTYPES[ctx.config.teacher.dtype]
-    model, params = checkpoints.load_augreg(row["checkpoint"], image_size=ctx.config.data.image_size, dtype=dtype)
+    """The ViT of a row, in `config.teacher.dtype`: the file's, or its weight copy for the copy row."""
+    ckpt = checkpoints.read_vit(row["checkpoint"], cache_dir=handoff.teacher_cache_dir(ctx))
+    size, dtype = ctx.config.data.image_size, DTYPES[ctx.config.teacher.dtype]
+    model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype)
+    params = checkpoints.load_into(model, ckpt, image_size=size)
     if row["name"] == COPY_ROW:
         params = surgery.copy_every_dth_block(params, row["d"])
-        model = model.clone(num_layers=wecolora.student_depth(model.num_layers, row["d"]), parent=None)
+        model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype,
+                                      num_layers=surgery.student_depth(ckpt.architecture["num_layers"], row["d"]))
     return model, params
 
 
 def probe_row(ctx: common.RunContext, row: dict, probe_config) -> dict:
     p = ctx.config.linear_probe
-    run_dir = ctx.path(STAGE, row["name"])
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("%s/%s: complete, skipping.", STAGE, row["name"])
-        return summary
-    model, params = load_row_model(ctx, row)
-    train_source = sources.build_source(probe_config, ctx.config.dataset, "train")
-    train_data = pipeline.EvalData(probe_config, ctx.config.dataset, global_batch_size=p.batch_size,
-                                   source=train_source)
-    train = extract_features(model, params, train_data)
-    test = extract_features(model, params, common.eval_data(ctx, p.batch_size))
-    logging.info("%s/%s: features %s (train) and %s (eval) extracted.", STAGE, row["name"], train[0].shape,
-                 test[0].shape)
-    result = train_probe(p, train, test, num_classes=ctx.num_classes, rng=ctx.rng(STAGE, row["name"]),
-                         seed=ctx.config.seed, run_dir=run_dir, name=f"{STAGE}/{row['name']}",
-                         writer=ctx.writer, total_train_examples=train_source.total_examples)
-    distill = row.get("distill") or {}
-    summary = {"name": row["name"], "complete": True, "checkpoint": row["checkpoint"], "d": row["d"],
-               "blocks": model.num_layers, "feature_dim": int(train[0].shape[1]),
-               "probe_train_examples": train_source.total_examples,
-               "lora_rank": distill.get("lora_rank"), "few_shot_examples": distill.get("few_shot_examples"),
-               "trainable_params": distill.get("trainable_params"), "l1_initial": distill.get("l1_initial"),
-               "l1_final": distill.get("l1_final"), **result}
-    common.write_json(summary_path, summary)
-    return summary
+
+    def body(sub: runs.SubRun) -> dict:
+        model, params = load_row_model(ctx, row)
+        train_source = sources.build_source(probe_config, ctx.config.dataset, "train")
+        train_data = pipeline.EvalData(probe_config, ctx.config.dataset, global_batch_size=p.batch_size,
+                                       source=train_source)
+        train = extract_features(model, params, train_data)
+        test = extract_features(model, params, common.eval_data(ctx, p.batch_size))
+        logging.info("%s/%s: features %s (train) and %s (eval) extracted.", STAGE, row["name"], train[0].shape,
+                     test[0].shape)
+        result = train_probe(sub, p, train, test, num_classes=ctx.num_classes, rng=ctx.rng(STAGE, row["name"]),
+                             seed=ctx.config.seed, total_train_examples=train_source.total_examples)
+        distill = row.get("distill") or {}
+        return sub.commit({
+            "name": row["name"], "checkpoint": row["checkpoint"], "d": row["d"], "blocks": model.num_layers,
+            "feature_dim": int(train[0].shape[1]), "probe_train_examples": train_source.total_examples,
+            "lora_rank": distill.get("lora_rank"), "few_shot_examples": distill.get("few_shot_examples"),
+            "trainable_params": distill.get("trainable_params"), "l1_initial": distill.get("l1_initial"),
+            "l1_final": distill.get("l1_final"), **result}, metrics=("final",))
+
+    return runs.resumable(ctx, f"{STAGE}/{row['name']}", ctx.path(handoff.PROBE_DIR, row["name"]), body)
 
 
 def _fmt(value, spec: str, scale: Optional[float] = None) -> str:
@@ -254,7 +249,7 @@ def results_table(rows: list[dict], metric: str, few_shot_fraction) -> str:
     return "\n".join(lines)
 
 
-def linear_probe(ctx: common.RunContext) -> dict:
+def linear_probe(ctx: common.RunContext) -> stages.StageOutput:
     """The `linear_probe` stage: probe every model, write the table."""
     p = ctx.config.linear_probe
     probe_config = probe_data_config(ctx.config.data, p.train_fraction)
@@ -262,8 +257,28 @@ def linear_probe(ctx: common.RunContext) -> dict:
     metric = ctx.metric
     table = results_table(rows, metric, ctx.config.data.few_shot_fraction)
     compact = [{k: v for k, v in r.items() if k != "history"} for r in rows]
-    common.write_json(ctx.path(STAGE, "results.json"), {"metric": metric, "rows": compact})
-    common.write_text(ctx.path("results.md"), table + "\n")
     if common.is_chief():
         print(table)
-    return {"metric": metric, "rows": compact}
+    return stages.StageOutput({"metric": metric, "rows": compact}, table)
+
+
+def validate(config) -> None:
+    lp = config.linear_probe
+    for name in ("epochs", "batch_size", "log_every"):
+        cv.positive_int(config, f"linear_probe.{name}")
+    cv.check(cv.is_int(lp.warmup_epochs) and 0 <= lp.warmup_epochs < lp.epochs, "linear_probe.warmup_epochs",
+             f"an integer in [0, linear_probe.epochs={lp.epochs})", lp.warmup_epochs)
+    cv.check(lp.blr > 0, "linear_probe.blr", "> 0", lp.blr)
+    cv.check(0.0 <= lp.momentum < 1.0, "linear_probe.momentum", "in [0, 1)", lp.momentum)
+    cv.check(lp.trust_coefficient > 0, "linear_probe.trust_coefficient", "> 0", lp.trust_coefficient)
+    cv.check(lp.weight_decay >= 0, "linear_probe.weight_decay", ">= 0", lp.weight_decay)
+    cv.check(lp.train_fraction is None or 0.0 < lp.train_fraction <= 1.0, "linear_probe.train_fraction",
+             "None (whole train split) or in (0, 1]", lp.train_fraction)
+    cv.check(cv.is_int(lp.checkpoint_every) and lp.checkpoint_every >= 0, "linear_probe.checkpoint_every",
+             "an integer >= 0 (0: only at the end)", lp.checkpoint_every)
+
+
+STAGES = (
+    stages.Stage(STAGE, folder=handoff.PROBE_DIR, section="linear_probe", run=linear_probe, validate=validate,
+                 reads=("teacher.dtype",), needs=(stages.Need(handoff.FEWSHOT_STAGE, "the distilled students"),)),
+)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from remem_jax import devices, errors
+from remem_jax import devices, errors, files
 from remem_jax.train import checkpointing
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
@@ -62,7 +62,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
         checkpointer: checkpointing.StateCheckpointer,
         evaluate: Optional[Callable[[Any], dict[str, float]]] = None,
         on_keep: Optional[Callable[[int, Any, dict], None]] = None,
-        writer: Any = None) -> tuple[Any, list[dict]]:
+        writer: Any = None, history_path: Optional[str] = None) -> tuple[Any, list[dict]]:
     """Trains `state` (unreplicated, host) for `config.num_steps`, resuming if possible.
 
     Args:
@@ -77,9 +77,14 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
       on_keep: called as `on_keep(step, host_state, eval_metrics)` at kept steps
         (e.g. to export a teacher npz).
       writer: a clu metric writer, or None.
+      history_path: a JSON file holding the eval records (process 0 writes it after each
+        evaluation, before that step's checkpoint). On resume the records up to the restored
+        step are read back, so the returned history is the whole run's.
 
     Returns:
-      The final host state and the list of eval records (`{'step': ..., **metrics}`).
+      The final host state and the list of eval records (`{'step': ..., **metrics}`); with
+      `evaluate`, its last record is always the final step's (evaluated now if a resumed run
+      lacks it).
 
     Raises:
       NonFiniteLossError: a step produced a NaN/inf loss or gradient.
@@ -93,7 +98,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
     last_saved = start or None
     replicated = devices.replicate(state)  # as the step returns it: no second compile
     keep = set(config.keep_steps)
-    history: list[dict] = []
+    history = _read_history(history_path, start)
     progress = Progress(config.num_steps, start, config.global_batch_size)
     window: list[dict] = []
     iterator = make_train_iterator(start)
@@ -123,20 +128,36 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
                 writer.write_scalars(step, {f"{config.name}/train/{k}": v for k, v in scalars.items()})
         record: dict = {}
         if is_eval and evaluate is not None:
-            record = {"step": step, **evaluate(replicated)}
-            history.append(record)
-            logging.info("%s step %d eval: %s", config.name, step,
-                         ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
-            if writer is not None:
-                writer.write_scalars(step, {f"{config.name}/eval/{k}": v for k, v in record.items() if k != "step"})
+            record = _evaluate(evaluate, replicated, step, config.name, writer, history, history_path)
         if is_save:
             host_state = devices.unreplicate(replicated)
             if step in keep and on_keep is not None:
                 on_keep(step, host_state, record)
             checkpointer.save(step, host_state.replace(frozen={}))
             last_saved = step
+    if evaluate is not None and (not history or history[-1]["step"] != config.num_steps):
+        # Resumed from the final checkpoint of a run killed before its final evaluation was recorded.
+        _evaluate(evaluate, replicated, config.num_steps, config.name, writer, history, history_path)
     if writer is not None:
         writer.flush()
     if host_state is None:  # resumed at the last step: nothing ran
         host_state = devices.unreplicate(replicated)
     return host_state, history
+
+
+def _read_history(path: Optional[str], start: int) -> list[dict]:
+    """The eval records of steps <= `start` (the restored checkpoint); later ones are redone."""
+    if path is None or not start:
+        return []
+    return [r for r in files.read_json(path, default=[]) if r["step"] <= start]
+
+
+def _evaluate(evaluate, replicated, step: int, name: str, writer, history: list, history_path) -> dict:
+    record = {"step": step, **evaluate(replicated)}
+    history.append(record)
+    logging.info("%s step %d eval: %s", name, step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+    if writer is not None:
+        writer.write_scalars(step, {f"{name}/eval/{k}": v for k, v in record.items() if k != "step"})
+    if history_path is not None and jax.process_index() == 0:
+        files.write_json(history_path, history)
+    return record

@@ -8,136 +8,61 @@ reweighting folded into the weights) for `distill_student`.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
-from remem_jax import checkpoints, errors, files, losses, surgery, tree
+from remem_jax import checkpoints, config_validation as cv, errors, files, optim, surgery, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, loop, state as state_lib, step as step_lib
+from remem_jax.train import common, handoff, runs, stages, vit_finetune
 
-PRETRAINED_NAME = "pretrain"
 SETTINGS = ("remem", "vanilla")
-
-
-@dataclasses.dataclass
-class TeacherSetup:
-    """A ViT split into trainable and frozen leaves, and how to put it back together.
-
-    `combine(trainable, frozen)` gives full (LoRA-materialised) params, for export and analyses;
-    `variables(trainable, frozen)` gives what a train/eval forward pass hands `model.apply`:
-    `{'params': ..., 'lora': ...}` with factored LoRA (no `W + A B` per step), or
-    `{'params': combine(...)}` when `variables` is None.
-    """
-    model: vit.VisionTransformer
-    trainable: Any
-    frozen: Any
-    combine: Callable[[Any, Any], Any]  # (trainable, frozen) -> full params, jittable
-    variables: Optional[Callable[[Any, Any], dict]] = None  # (trainable, frozen) -> apply variables
-
-    def apply_variables(self, trainable: Any, frozen: Any) -> dict:
-        """The variables of a forward pass (factored LoRA where there is LoRA)."""
-        if self.variables is None:
-            return {"params": self.combine(trainable, frozen)}
-        return self.variables(trainable, frozen)
-
-
-def classification_loss(model: vit.VisionTransformer, variables: Callable[[Any, Any], dict]):
-    """The step's loss: softmax cross-entropy on (possibly soft) labels.
-
-    `variables(params, frozen)` gives the `model.apply` variables (`TeacherSetup.apply_variables`).
-    """
-    def loss_fn(params, frozen, batch_stats, batch, rng):
-        logits = model.apply(variables(params, frozen), batch["image"], train=True,
-                             rngs={"dropout": rng})
-        loss = losses.softmax_cross_entropy(logits, batch["soft_label"])
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return loss, {"batch_stats": batch_stats, "metrics": {"accuracy": accuracy}}
-    return loss_fn
-
-
-def setup_finetune(model: vit.VisionTransformer, params: Any, mode: str, rng: jax.Array, *,
-                   image_size: int, lora_rank: int = 32, lora_alpha: Optional[float] = 32.0,
-                   lora_targets: str = "qv", lora_init: str = "gaussian", train_head: bool = True
-                   ) -> TeacherSetup:
-    """Splits `params` for a fine-tuning mode: full, head, lora or adapter.
-
-    LoRA leaves (A from `lora_init`, B zero; scale `lora_alpha / rank`, or 1 for
-    None) live under `params['lora']`; adapters are fresh `Adapter_*` leaves
-    (identity at init). Only the mode's leaves (and the head, if `train_head`)
-    are trainable; the rest is frozen and never updated.
-    """
-    lora_config = None
-    if mode == "adapter":
-        params = surgery.init_adapters(rng, model, params, image_size)
-    elif mode == "lora":
-        targets = surgery.lora_targets(params, lora_targets)
-        lora, lora_config = surgery.init_lora(rng, params, targets, rank=lora_rank, alpha=lora_alpha,
-                                              init=lora_init)
-        params = surgery.attach_lora(params, lora)
-    trainable, frozen = surgery.split_trainable(params, mode, train_head=train_head)
-
-    def combine(t, f):
-        return surgery.effective_params(surgery.merge_partitions(t, f), lora_config)
-
-    def variables(t, f):
-        return surgery.lora_variables(surgery.merge_partitions(t, f), lora_config)
-    return TeacherSetup(model, trainable, frozen, combine, variables)
-
-
-def train_classifier(ctx: common.RunContext, name: str, setup: TeacherSetup, section, *,
-                     steps: int, sam_rho: float, sync_perturbations: bool, accum_steps: int,
-                     run_dir: str, keep_steps=(), on_keep=None, seed_name: str) -> tuple[Any, list]:
-    """Trains a ViT classifier with (SAM-)SGD; returns the final host state and eval history."""
-    tx = common.make_tx(section, steps, num_layers=setup.model.num_layers)
-    state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(seed_name, "train"),
-                                         frozen=setup.frozen)
-    step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
-        classification_loss(setup.model, setup.apply_variables), tx, sam_rho=sam_rho,
-        sync_perturbations=sync_perturbations, accum_steps=accum_steps))
-    logits_fn = lambda v, x: setup.model.apply(setup.apply_variables(v["params"], v["frozen"]), x)
-    evaluator = common.make_evaluator(logits_fn, lambda s: {"params": s.params, "frozen": s.frozen},
-                                      ctx, section.batch_size)
-    make_iter = common.train_iterator_factory(ctx, section.batch_size, seed=ctx.config.seed)
-    final, history = loop.run(
-        common.loop_config(name, section, steps, keep_steps), step_fn=step_fn, state=state,
-        make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints"), keep_steps),
-        evaluate=evaluator, on_keep=on_keep, writer=ctx.writer)
-    return final, history
 
 
 # ----------------------------------------------------------------------------- pretrain_teacher
 
-def pretrained_path(ctx: common.RunContext) -> str:
-    return ctx.path("pretrain", "teacher.npz")
-
-
-def pretrain_teacher(ctx: common.RunContext) -> dict:
+def pretrain_teacher(ctx: common.RunContext) -> stages.StageOutput:
     """Trains a ViT from scratch on the dataset and saves it as an AugReg npz."""
     p = ctx.config.pretrain
-    out = pretrained_path(ctx)
-    summary_path = ctx.path("pretrain", "summary.json")
-    if files.exists(out) and files.exists(summary_path):
-        logging.info("pretrain_teacher: %s exists, skipping.", out)
-        return files.read_json(summary_path)
-    overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
-    model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], remat_blocks=p.remat, **overrides)
-    size = ctx.config.data.image_size
-    params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
-    setup = TeacherSetup(model, params, {}, surgery.merge_partitions)
-    final, history = train_classifier(
-        ctx, "pretrain", setup, p, steps=p.steps, sam_rho=0.0, sync_perturbations=False, accum_steps=1,
-        run_dir=ctx.path("pretrain"), seed_name="pretrain")
-    common.save_params(out, setup.combine(final.params, final.frozen))
-    summary = {"checkpoint": out, "variant": p.variant, "num_params": tree.param_count(final.params),
-               "eval": history[-1] if history else {}}
-    common.write_json(summary_path, summary)
-    return summary
+    out = handoff.pretrained_path(ctx)
+
+    def body(sub: runs.SubRun) -> dict:
+        overrides = {"num_layers": p.num_layers} if p.num_layers is not None else {}
+        model = vit.create_vit(p.variant, ctx.num_classes, dtype=DTYPES[p.dtype], remat_blocks=p.remat, **overrides)
+        size = ctx.config.data.image_size
+        params = jax.jit(model.init)(ctx.rng("pretrain", "init"), jnp.zeros((1, size, size, 3)))["params"]
+        setup = vit_finetune.TrainableViT(model, params, {}, surgery.merge_partitions)
+        final, history = vit_finetune.train_classifier(sub, setup, p, steps=p.steps, sam_rho=0.0,
+                                                       sync_perturbations=False, accum_steps=1, seed_name="pretrain")
+        common.save_params(out, setup.combine(final.params, final.frozen))
+        return sub.commit({"checkpoint": out, "variant": p.variant, "num_params": tree.param_count(final.params),
+                           "eval": history[-1]}, metrics=("eval",))
+
+    summary = runs.resumable(ctx, "pretrain", ctx.path(handoff.PRETRAIN_DIR), body)
+    metric = ctx.metric
+    table = "\n".join([f"| teacher | variant | params | steps | {metric} |", "|---|---|---|---|---|",
+                       f"| {out} | {summary['variant']} | {summary['num_params']:,} | {p.steps} | "
+                       f"{100 * summary['eval'][metric]:.2f} |"])
+    return stages.StageOutput(summary, table)
+
+
+def validate_pretrain(config) -> None:
+    p = config.pretrain
+    for f in ("steps", "batch_size"):
+        cv.positive_int(config, f"pretrain.{f}")
+    try:
+        vit.variant_config(p.variant)
+    except ValueError as e:
+        raise errors.UserError(f"config.pretrain.variant: {e}") from None
+    cv.optional_positive_int(config, "pretrain.num_layers", "the variant's depth")
+    cv.check(p.lr > 0, "pretrain.lr", "> 0", p.lr)
+    cv.warmup(config, "pretrain", "min(500, 10% of steps)")
+    cv.cadence(config, "pretrain")
+    cv.one_of("pretrain.optimizer", p.optimizer, optim.OPTIMIZERS)
+    cv.one_of("pretrain.dtype", p.dtype, DTYPES)
+    cv.check(isinstance(p.remat, bool), "pretrain.remat", "True or False", p.remat)
 
 
 # ----------------------------------------------------------------------------- finetune_teacher
@@ -151,27 +76,6 @@ def setting_hyperparameters(f, setting: str) -> dict:
     raise errors.UserError(f"config.finetune.settings: unknown setting {setting!r}; use {SETTINGS}.")
 
 
-def teacher_checkpoint_path(ctx: common.RunContext) -> str:
-    name = ctx.config.teacher.checkpoint
-    if name == PRETRAINED_NAME:
-        path = pretrained_path(ctx)
-        if not files.exists(path):
-            raise errors.UserError(f"config.teacher.checkpoint is 'pretrain' but {path} does not exist; "
-                                   "add 'pretrain_teacher' before 'finetune_teacher' in config.stages.")
-        return path
-    return name
-
-
-def teacher_cache_dir(ctx: common.RunContext) -> str:
-    """Where a remote teacher checkpoint is cached: config.teacher.cache_dir, or the per-user default.
-
-    Every setting (and every later run) reads the one cached copy instead of the
-    remote file. Exported teachers in the workdir are not cached: each is read
-    once, by its student.
-    """
-    return ctx.config.teacher.get("cache_dir") or checkpoints.default_cache_dir()
-
-
 def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None:
     """Saves a fine-tuned teacher as a plain AugReg npz: reweighting folded into the weights.
 
@@ -183,48 +87,106 @@ def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None
     common.save_params(path, params)
 
 
+def finetune_model(f, ckpt: checkpoints.VitFile, num_classes: int, hp: dict) -> vit.VisionTransformer:
+    """The teacher ViT of a setting: the file's architecture with the config's options."""
+    adapter = {"adapter_dim": ckpt.architecture["hidden_size"] // f.adapter_reduction} if f.mode == "adapter" else {}
+    return checkpoints.build_vit(ckpt, num_classes=num_classes, mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"],
+                                 residual_mode=f.residual_mode, dropout_rate=f.dropout, dtype=DTYPES[f.dtype],
+                                 remat_blocks=f.remat, **adapter)
+
+
 def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
     """Fine-tunes the teacher in one setting and exports its kept checkpoints."""
     f = ctx.config.finetune
     hp = setting_hyperparameters(f, setting)
-    run_dir = ctx.path("finetune", setting)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("finetune_teacher/%s: complete in %s, skipping.", setting, run_dir)
-        return summary
-    size = ctx.config.data.image_size
-    model, params = checkpoints.load_augreg(
-        teacher_checkpoint_path(ctx), num_classes=ctx.num_classes, image_size=size,
-        cache_dir=teacher_cache_dir(ctx),
-        mlp_alpha=hp["mlp_alpha"], attn_beta=hp["attn_beta"], residual_mode=f.residual_mode,
-        dropout_rate=f.dropout, dtype=DTYPES[f.dtype])
-    model = model.clone(remat_blocks=f.remat)
-    if f.mode == "adapter":
-        model = model.clone(adapter_dim=model.hidden_size // f.adapter_reduction)
-    setup = setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"), image_size=size,
-                           lora_rank=f.lora_rank, lora_alpha=f.lora_alpha, lora_targets=f.lora_targets)
-    kept = files.read_json(os.path.join(run_dir, "kept.json"), default={})
+    run_dir = ctx.path(handoff.FINETUNE_DIR, setting)
 
-    def on_keep(step, host_state, record):
-        path = os.path.join(run_dir, "teachers", f"step_{step}.npz")
-        export_teacher(setup.combine(host_state.params, host_state.frozen), model, path)
-        kept[str(step)] = {"setting": setting, "step": step, "checkpoint": path,
-                           **{k: v for k, v in record.items() if k != "step"}}
-        common.write_json(os.path.join(run_dir, "kept.json"), kept)
+    def body(sub: runs.SubRun) -> dict:
+        size = ctx.config.data.image_size
+        ckpt = handoff.read_teacher(ctx)
+        model = finetune_model(f, ckpt, ctx.num_classes, hp)
+        params = checkpoints.load_into(model, ckpt, image_size=size)
+        setup = vit_finetune.setup_finetune(model, params, f.mode, ctx.rng("finetune", setting, "surgery"),
+                                            image_size=size, lora_rank=f.lora_rank, lora_alpha=f.lora_alpha,
+                                            lora_targets=f.lora_targets)
+        kept_json = handoff.kept_path(ctx, setting)
+        kept = files.read_json(kept_json, default={})
 
-    keep_steps = sorted(set(f.keep_steps) | {f.steps})  # validation rejects entries > f.steps
-    _, history = train_classifier(
-        ctx, f"finetune/{setting}", setup, f, steps=f.steps, sam_rho=hp["sam_rho"],
-        sync_perturbations=f.sync_perturbations, accum_steps=f.accum_steps, run_dir=run_dir,
-        keep_steps=keep_steps, on_keep=on_keep, seed_name=f"finetune-{setting}")
-    summary = {"setting": setting, "complete": True, **hp, "mode": f.mode,
-               "trainable_params": tree.param_count(setup.trainable),
-               "kept": [kept[str(s)] for s in keep_steps if str(s) in kept], "eval_history": history}
-    common.write_json(summary_path, summary)
-    return summary
+        def on_keep(step, host_state, record):
+            path = handoff.kept_teacher_path(ctx, setting, step)
+            export_teacher(setup.combine(host_state.params, host_state.frozen), model, path)
+            kept[str(step)] = {"setting": setting, "step": step, "checkpoint": path,
+                               **{k: v for k, v in record.items() if k != "step"}}
+            common.write_json(kept_json, kept)
+
+        keep_steps = sorted(set(f.keep_steps) | {f.steps})  # validation rejects entries > f.steps
+        _, history = vit_finetune.train_classifier(
+            sub, setup, f, steps=f.steps, sam_rho=hp["sam_rho"], sync_perturbations=f.sync_perturbations,
+            accum_steps=f.accum_steps, keep_steps=keep_steps, on_keep=on_keep, seed_name=f"finetune-{setting}")
+        return sub.commit({"setting": setting, **hp, "mode": f.mode,
+                           "trainable_params": tree.param_count(setup.trainable),
+                           "kept": [kept[str(s)] for s in keep_steps if str(s) in kept], "eval_history": history},
+                          metrics=("kept",))
+
+    return runs.resumable(ctx, f"finetune/{setting}", run_dir, body)
 
 
-def finetune_teacher(ctx: common.RunContext) -> dict:
+def finetune_table(summaries: dict, metric: str) -> str:
+    """Markdown: one row per kept teacher (setting, step, SAM rho, alpha, beta, metric)."""
+    lines = [f"| setting | step | mode | SAM rho | MLP alpha | attention beta | trainable params | {metric} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for setting, s in summaries.items():
+        for k in s["kept"]:
+            lines.append(f"| {setting} | {k['step']} | {s['mode']} | {s['sam_rho']:g} | {s['mlp_alpha']:g} | "
+                         f"{s['attn_beta']:g} | {s['trainable_params']:,} | {100 * k[metric]:.2f} |")
+    return "\n".join(lines)
+
+
+def finetune_teacher(ctx: common.RunContext) -> stages.StageOutput:
     """The `finetune_teacher` stage: every configured setting (remem, vanilla)."""
-    return {setting: finetune_setting(ctx, setting) for setting in ctx.config.finetune.settings}
+    summaries = {setting: finetune_setting(ctx, setting) for setting in ctx.config.finetune.settings}
+    return stages.StageOutput(summaries, finetune_table(summaries, ctx.metric))
+
+
+def _keep_steps(f) -> None:
+    keep = tuple(f.keep_steps)
+    cv.check(all(isinstance(s, int) and s > 0 for s in keep), "finetune.keep_steps", "positive step numbers",
+             f.keep_steps)
+    too_late = [s for s in keep if s > f.steps]
+    cv.check(not too_late, "finetune.keep_steps", f"step numbers <= finetune.steps ({f.steps})", f.keep_steps,
+             f"{too_late} would never be reached")
+
+
+def validate_finetune(config) -> None:
+    f = config.finetune
+    for name in ("steps", "batch_size", "accum_steps"):
+        cv.positive_int(config, f"finetune.{name}")
+    cv.check(f.lr > 0, "finetune.lr", "> 0", f.lr)
+    cv.warmup(config, "finetune", "min(500, 10% of steps)")
+    cv.cadence(config, "finetune")
+    cv.check(0.0 <= f.sam_rho <= 10.0, "finetune.sam_rho", "in [0, 10] (paper: 0.005, 0.05, 0.5)", f.sam_rho)
+    cv.check(0.0 < f.mlp_alpha <= 2.0, "finetune.mlp_alpha", "in (0, 2] (1 = pretrained)", f.mlp_alpha)
+    cv.check(0.0 < f.attn_beta <= 2.0, "finetune.attn_beta", "in (0, 2] (1 = pretrained)", f.attn_beta)
+    cv.one_of("finetune.residual_mode", f.residual_mode, vit.RESIDUAL_MODES)
+    cv.one_of("finetune.mode", f.mode, surgery.TRAINABLE_MODES)
+    cv.check(len(f.settings) > 0 and all(s in SETTINGS for s in f.settings),
+             "finetune.settings", f"a non-empty list of {', '.join(SETTINGS)}", f.settings)
+    _keep_steps(f)
+    cv.check(f.lora_rank > 0, "finetune.lora_rank", "a positive integer", f.lora_rank)
+    cv.one_of("finetune.lora_targets", f.lora_targets, surgery.LORA_PRESETS)
+    cv.check(f.adapter_reduction > 0, "finetune.adapter_reduction", "a positive integer", f.adapter_reduction)
+    cv.one_of("finetune.dtype", f.dtype, DTYPES)
+    cv.check(isinstance(f.remat, bool), "finetune.remat", "True or False", f.remat)
+    cv.check(0.0 <= f.momentum < 1.0, "finetune.momentum", "in [0, 1)", f.momentum)
+    cv.check(f.batch_size % f.accum_steps == 0, "finetune.accum_steps",
+             f"a divisor of finetune.batch_size ({f.batch_size})", f.accum_steps)
+
+
+STAGES = (
+    stages.Stage("pretrain_teacher", folder=handoff.PRETRAIN_DIR, section="pretrain", run=pretrain_teacher,
+                 validate=validate_pretrain),
+    stages.Stage("finetune_teacher", folder=handoff.FINETUNE_DIR, section="finetune", run=finetune_teacher,
+                 validate=validate_finetune, reads=("teacher.checkpoint",),
+                 needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
+                                    handoff.uses_pretrained_teacher),)),
+)

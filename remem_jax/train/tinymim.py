@@ -38,21 +38,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
-from remem_jax import checkpoints, devices, errors, files, optim, relation_losses, surgery, tree
+from remem_jax import checkpoints, config_validation as cv, devices, errors, files, optim, relation_losses, surgery, tree
 from remem_jax.data import color_jitter
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, loop, state as state_lib, step as step_lib
-from remem_jax.train import teacher as teacher_lib
+from remem_jax.train import common, handoff, runs, stages, state as state_lib, step as step_lib, vit_finetune
 
 TARGETS = ("relation", "cls", "feature")
 PAPER_ONLY_TARGETS = ("cls", "feature")  # not in the released code (ambiguity row 22)
 SCRATCH = "scratch"
-DISTILL_DIR = "tinymim"
-FINETUNE_DIR = "tinymim_finetune"
 _RUN_SPEC = re.compile(r"(relation|cls|feature)(?:@(last|\d+))?")
 
 
@@ -225,10 +221,8 @@ class DistillSetup:
 
     @functools.cached_property
     def teacher(self) -> tuple[vit.VisionTransformer, Any]:
-        ctx = self.ctx
-        return checkpoints.load_augreg(
-            teacher_lib.teacher_checkpoint_path(ctx), image_size=ctx.config.data.image_size,
-            cache_dir=teacher_lib.teacher_cache_dir(ctx), dtype=DTYPES[ctx.config.teacher.dtype])
+        model, params, _ = handoff.load_frozen_teacher(self.ctx)
+        return model, params
 
     @functools.cached_property
     def student(self) -> vit.VisionTransformer:
@@ -301,49 +295,58 @@ def distill_run(setup: DistillSetup, spec: RunSpec) -> dict:
     """Distils one student for one target; resumable; exports `tinymim/<name>/student.npz`."""
     ctx = setup.ctx
     t = ctx.config.tinymim
-    run_dir = ctx.path(DISTILL_DIR, spec.name)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("relation_distill/%s: complete, skipping.", spec.name)
-        return summary
-    size = ctx.config.data.image_size
-    objective = setup.objective(spec)
-    teacher_used, _ = split_used(setup.teacher[1], objective.teacher, size)
-    student_trained, student_frozen = split_used(setup.student_init, objective.student, size)
-    params = {"student": student_trained,
-              "projection": objective.init_projection(ctx.rng("tinymim", spec.name, "projection"),
-                                                      setup.student.hidden_size)}
-    tx = make_distill_tx(t)
-    state = state_lib.create_train_state(params, tx, rng=ctx.rng("tinymim", spec.name),
-                                         frozen={"teacher": teacher_used, "student": student_frozen})
-    step_fn = step_lib.pmap_train_step(step_lib.make_train_step(objective.loss_fn(train=True), tx))
-    eval_step = _eval_loss_fn(objective)
-    batches = setup.eval_batches
-    evaluate = (lambda s: _evaluate(eval_step, s, batches)) if batches else None
-    initial = _evaluate(eval_step, devices.replicate(state), batches) if batches else {}
-    make_iter = common.train_iterator_factory(ctx, t.batch_size, seed=ctx.config.seed)
-    final, history = loop.run(
-        common.loop_config(f"relation_distill/{spec.name}", t, t.steps), step_fn=step_fn, state=state,
-        make_train_iterator=make_iter, checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")),
-        evaluate=evaluate, writer=ctx.writer)
-    student_params = surgery.merge_partitions(final.params["student"], student_frozen)
-    out = os.path.join(run_dir, "student.npz")
-    common.save_params(out, export_tree(setup.student, student_params, size, ctx.num_classes))
-    summary = {"name": spec.name, "complete": True, "target": spec.target, "teacher_block": spec.teacher_block,
-               "teacher_layers": setup.teacher[0].num_layers, "student": t.student,
-               "paper_only": spec.target in PAPER_ONLY_TARGETS, "steps": t.steps, "lr": distill_lr(t),
-               "initial": initial, "final": history[-1] if history else {}, "history": history,
-               "trained_params": tree.param_count(final.params), "student_checkpoint": out}
-    common.write_json(summary_path, summary)
-    return summary
+    run_dir = handoff.tinymim_run_dir(ctx, spec.name)
+
+    def body(sub: runs.SubRun) -> dict:
+        size = ctx.config.data.image_size
+        objective = setup.objective(spec)
+        teacher_used, _ = split_used(setup.teacher[1], objective.teacher, size)
+        student_trained, student_frozen = split_used(setup.student_init, objective.student, size)
+        params = {"student": student_trained,
+                  "projection": objective.init_projection(ctx.rng("tinymim", spec.name, "projection"),
+                                                          setup.student.hidden_size)}
+        tx = make_distill_tx(t)
+        state = state_lib.create_train_state(params, tx, rng=ctx.rng("tinymim", spec.name),
+                                             frozen={"teacher": teacher_used, "student": student_frozen})
+        step_fn = step_lib.pmap_train_step(step_lib.make_train_step(objective.loss_fn(train=True), tx))
+        eval_step = _eval_loss_fn(objective)
+        batches = setup.eval_batches
+        evaluate = (lambda s: _evaluate(eval_step, s, batches)) if batches else None
+        initial = _evaluate(eval_step, devices.replicate(state), batches) if batches else {}
+        make_iter = common.train_iterator_factory(ctx, t.batch_size, seed=ctx.config.seed)
+        final, history = sub.train(state, step_fn, loop_config=common.loop_config(sub.name, t, t.steps),
+                                   make_train_iterator=make_iter, evaluate=evaluate)
+        student_params = surgery.merge_partitions(final.params["student"], student_frozen)
+        out = os.path.join(run_dir, "student.npz")
+        common.save_params(out, export_tree(setup.student, student_params, size, ctx.num_classes))
+        return sub.commit({
+            "name": spec.name, "target": spec.target, "teacher_block": spec.teacher_block,
+            "teacher_layers": setup.teacher[0].num_layers, "student": t.student,
+            "paper_only": spec.target in PAPER_ONLY_TARGETS, "steps": t.steps, "lr": distill_lr(t),
+            "initial": initial, "final": history[-1] if history else {}, "history": history,
+            "trained_params": tree.param_count(final.params), "student_checkpoint": out},
+            metrics=("final",) if batches else ())
+
+    return runs.resumable(ctx, f"relation_distill/{spec.name}", run_dir, body)
 
 
-def relation_distill(ctx: common.RunContext) -> dict:
+def distill_table(runs_: list[dict]) -> str:
+    """Markdown: one row per distillation run (target, teacher block, loss on the fixed eval batches)."""
+    lines = ["| student | target | teacher block | trained params | distill loss (init -> final) |",
+             "|---|---|---|---|---|"]
+    for r in runs_:
+        block = "-" if r.get("teacher_block") is None else f"{r['teacher_block']} of {r['teacher_layers']}"
+        loss = (f"{r['initial']['distill_loss']:.4f} -> {r['final']['distill_loss']:.4f}"
+                if r.get("initial") and r.get("final") else "-")
+        lines.append(f"| {r['name']} | {r['target']} | {block} | {r['trained_params']:,} | {loss} |")
+    return "\n".join(lines)
+
+
+def relation_distill(ctx: common.RunContext) -> stages.StageOutput:
     """The `relation_distill` stage: every run of `tinymim.target` + `tinymim.compare`."""
     setup = DistillSetup(ctx)
-    runs = [distill_run(setup, spec) for spec in setup.specs()]
-    return {"runs": runs}
+    runs_ = [distill_run(setup, spec) for spec in setup.specs()]
+    return stages.StageOutput({"runs": runs_}, distill_table(runs_))
 
 
 # ----------------------------------------------------------------------------- finetune_student
@@ -355,7 +358,7 @@ def finetune_drop_path(rate: float, num_layers: int) -> tuple[float, ...]:
 
 def scratch_checkpoint(ctx: common.RunContext, setup: DistillSetup) -> str:
     """The scratch student: the distillation students' architecture and init, saved like them."""
-    path = ctx.path(DISTILL_DIR, SCRATCH, "student.npz")
+    path = os.path.join(handoff.tinymim_run_dir(ctx, SCRATCH), "student.npz")
     if not files.exists(path):
         common.save_params(path, export_tree(setup.student, setup.student_init, ctx.config.data.image_size,
                                              ctx.num_classes))
@@ -365,27 +368,26 @@ def scratch_checkpoint(ctx: common.RunContext, setup: DistillSetup) -> str:
 
 
 def finetune_one(ctx: common.RunContext, name: str, checkpoint: str) -> dict:
-    """Fine-tunes one student npz (classifier machinery of train/teacher.py); resumable."""
+    """Fine-tunes one student npz (the classifier machinery of `train.vit_finetune`); resumable."""
     f = ctx.config.student_finetune
-    run_dir = ctx.path(FINETUNE_DIR, name)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("finetune_student/%s: complete, skipping.", name)
-        return summary
-    size = ctx.config.data.image_size
-    model, params = checkpoints.load_augreg(checkpoint, num_classes=ctx.num_classes, image_size=size,
-                                            dtype=DTYPES[f.dtype])
-    model = model.clone(drop_path_rate=finetune_drop_path(f.drop_path, model.num_layers), remat_blocks=f.remat)
-    setup = teacher_lib.setup_finetune(model, params, "full", ctx.rng("finetune_student", "surgery"), image_size=size)
-    # One seed name for every student: the same data order and dropout keys for all rows.
-    _, history = teacher_lib.train_classifier(
-        ctx, f"finetune_student/{name}", setup, f, steps=f.steps, sam_rho=0.0, sync_perturbations=False,
-        accum_steps=1, run_dir=run_dir, seed_name="finetune_student")
-    summary = {"name": name, "complete": True, "checkpoint": checkpoint, "eval": history[-1] if history else {},
-               "eval_history": history}
-    common.write_json(summary_path, summary)
-    return summary
+
+    def body(sub: runs.SubRun) -> dict:
+        size = ctx.config.data.image_size
+        ckpt = checkpoints.read_vit(checkpoint)
+        model = checkpoints.build_vit(
+            ckpt, num_classes=ctx.num_classes, dtype=DTYPES[f.dtype], remat_blocks=f.remat,
+            drop_path_rate=finetune_drop_path(f.drop_path, ckpt.architecture["num_layers"]))
+        params = checkpoints.load_into(model, ckpt, image_size=size)
+        setup = vit_finetune.setup_finetune(model, params, "full", ctx.rng("finetune_student", "surgery"),
+                                            image_size=size)
+        # One seed name for every student: the same data order and dropout keys for all rows.
+        _, history = vit_finetune.train_classifier(sub, setup, f, steps=f.steps, sam_rho=0.0,
+                                                   sync_perturbations=False, accum_steps=1,
+                                                   seed_name="finetune_student")
+        return sub.commit({"name": name, "checkpoint": checkpoint, "eval": history[-1], "eval_history": history},
+                          metrics=("eval",))
+
+    return runs.resumable(ctx, f"finetune_student/{name}", ctx.path(handoff.TINYMIM_FINETUNE_DIR, name), body)
 
 
 def results_table(rows: list[dict], metric: str) -> str:
@@ -404,16 +406,16 @@ def results_table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def finetune_student(ctx: common.RunContext) -> dict:
+def finetune_student(ctx: common.RunContext) -> stages.StageOutput:
     """The `finetune_student` stage: every distilled student, then the scratch baseline."""
     distilled = []
     setup = DistillSetup(ctx)
     for spec in setup.specs():
-        summary = files.read_json(ctx.path(DISTILL_DIR, spec.name, "summary.json"))
-        if not (summary and summary.get("complete")):
+        summary = handoff.tinymim_student(ctx, spec.name)
+        if summary is None:
             raise errors.UserError(
-                f"No distilled student {spec.name!r} in {ctx.path(DISTILL_DIR)}; run the 'relation_distill' stage "
-                "first (put it before 'finetune_student' in config.stages).")
+                f"No distilled student {spec.name!r} in {ctx.path(handoff.TINYMIM_DIR)}; run the 'relation_distill' "
+                "stage first (put it before 'finetune_student' in config.stages).")
         distilled.append(summary)
     rows = []
     for summary in distilled:
@@ -426,7 +428,70 @@ def finetune_student(ctx: common.RunContext) -> dict:
                      "finetune": result["eval"]})
     metric = ctx.metric
     table = results_table(rows, metric)
-    common.write_text(ctx.path("results.md"), table + "\n")
     if common.is_chief():
         print(table)
-    return {"rows": rows, "metric": metric}
+    return stages.StageOutput({"rows": rows, "metric": metric}, table)
+
+
+def validate_tinymim(config) -> None:
+    """config.tinymim (read by relation_distill, and by finetune_student for its run list)."""
+    t = config.tinymim
+    for name in ("steps", "batch_size", "eval_batches"):
+        cv.positive_int(config, f"tinymim.{name}")
+    try:
+        vit.variant_config(t.student)
+    except ValueError as e:
+        raise errors.UserError(f"config.tinymim.student: {e}") from None
+    for name in ("num_layers", "num_heads", "last_block_heads"):
+        cv.optional_positive_int(config, f"tinymim.{name}", "the default")
+    cv.one_of("tinymim.posemb", t.posemb, vit.POSEMB_KINDS)
+    cv.check(0.0 <= t.drop_path < 1.0, "tinymim.drop_path", "in [0, 1)", t.drop_path)
+    cv.one_of("tinymim.target", t.target, TARGETS)
+    cv.optional_positive_int(config, "tinymim.teacher_block", "floor(0.75 L_t) if the teacher is deeper, else the last")
+    cv.check(t.teacher_block is None or t.target == "relation", "tinymim.teacher_block",
+             f"None when tinymim.target is {t.target!r} (cls and feature use the last layer)", t.teacher_block)
+    cv.check(isinstance(t.compare, (tuple, list)) and all(isinstance(e, str) for e in t.compare), "tinymim.compare",
+             "a tuple of 'relation@last', 'relation@<block>', 'cls', 'feature'", t.compare)
+    for entry in t.compare:  # block numbers are checked against the teacher's depth when it is loaded
+        parse_run(entry, teacher_layers=10**6, student_layers=0, field="tinymim.compare")
+    cv.check(t.blr > 0, "tinymim.blr", "> 0", t.blr)
+    cv.check(t.lr is None or t.lr > 0, "tinymim.lr", "None (blr * batch_size / 256) or > 0", t.lr)
+    cv.warmup(config, "tinymim", "5% of steps")
+    cv.cadence(config, "tinymim")
+    cv.check(t.weight_decay >= 0, "tinymim.weight_decay", ">= 0", t.weight_decay)
+    cv.check(0.0 <= t.adam_b2 < 1.0, "tinymim.adam_b2", "in [0, 1)", t.adam_b2)
+    cv.check(t.grad_clip_norm >= 0, "tinymim.grad_clip_norm", ">= 0 (0: no clipping)", t.grad_clip_norm)
+    cv.check(0.0 <= t.color_jitter < 1.0, "tinymim.color_jitter", "in [0, 1)", t.color_jitter)
+    cv.one_of("tinymim.dtype", t.dtype, DTYPES)
+    cv.check(isinstance(t.remat, bool), "tinymim.remat", "True or False", t.remat)
+
+
+def validate_student_finetune(config) -> None:
+    validate_tinymim(config)
+    f = config.student_finetune
+    for name in ("steps", "batch_size"):
+        cv.positive_int(config, f"student_finetune.{name}")
+    cv.one_of("student_finetune.optimizer", f.optimizer, optim.OPTIMIZERS)
+    cv.check(f.lr > 0, "student_finetune.lr", "> 0", f.lr)
+    cv.check(0.0 <= f.adam_b2 < 1.0, "student_finetune.adam_b2", "in [0, 1)", f.adam_b2)
+    cv.check(f.weight_decay >= 0, "student_finetune.weight_decay", ">= 0", f.weight_decay)
+    cv.warmup(config, "student_finetune", "min(500, 10% of steps)")
+    cv.cadence(config, "student_finetune")
+    cv.check(0.0 <= f.momentum < 1.0, "student_finetune.momentum", "in [0, 1)", f.momentum)
+    cv.check(f.grad_clip_norm >= 0, "student_finetune.grad_clip_norm", ">= 0 (0: no clipping)", f.grad_clip_norm)
+    cv.check(0.0 <= f.drop_path < 1.0, "student_finetune.drop_path", "in [0, 1)", f.drop_path)
+    cv.check(0.0 < f.layer_decay <= 1.0, "student_finetune.layer_decay", "in (0, 1] (1: off)", f.layer_decay)
+    cv.one_of("student_finetune.dtype", f.dtype, DTYPES)
+    cv.check(isinstance(f.remat, bool), "student_finetune.remat", "True or False", f.remat)
+
+
+STAGES = (
+    stages.Stage("relation_distill", folder=handoff.TINYMIM_DIR, section="tinymim", run=relation_distill,
+                 validate=validate_tinymim, reads=("teacher.checkpoint", "teacher.dtype"),
+                 needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
+                                    handoff.uses_pretrained_teacher),)),
+    # It re-reads config.tinymim for the run list and the scratch student's architecture.
+    stages.Stage("finetune_student", folder=handoff.TINYMIM_FINETUNE_DIR, section="student_finetune",
+                 run=finetune_student, validate=validate_student_finetune, reads=("tinymim.",),
+                 needs=(stages.Need("relation_distill", "the distilled students"),)),
+)

@@ -24,8 +24,6 @@ ViT; `linear_probe` reads those files.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -33,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from remem_jax import checkpoints, devices, errors, files, losses, optim, surgery, tree
+from remem_jax import config_validation as cv, devices, errors, losses, optim, surgery, tree
 from remem_jax.data import pipeline
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, loop, state as state_lib, step as step_lib
-from remem_jax.train.teacher import TeacherSetup, setup_finetune, teacher_cache_dir, teacher_checkpoint_path
+from remem_jax.train import common, handoff, loop, runs, stages, state as state_lib, step as step_lib
+from remem_jax.train.vit_finetune import TrainableViT, setup_finetune
 
-STAGE = "fewshot_distill"
+STAGE = handoff.FEWSHOT_STAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +58,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def student_depth(teacher_depth: int, d: int) -> int:
-    """ceil(L / d): the blocks {0, d, 2d, ...} of an L-block teacher."""
-    return len(range(0, teacher_depth, d))
-
-
 def _not_head(path: str) -> bool:
     # The head and pre_logits read only CLS after the encoder; the token loss never reaches them.
     return not path.startswith(("head/", "pre_logits/"))
@@ -72,7 +65,7 @@ def _not_head(path: str) -> bool:
 
 def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_params: Any, *, d: int,
                   lora_rank: int, image_size: int, rng: jax.Array, dtype=jnp.float32,
-                  remat: bool = False) -> TeacherSetup:
+                  remat: bool = False) -> TrainableViT:
     """The student of a variant, split into trainable and frozen leaves.
 
     Args:
@@ -86,7 +79,7 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
       remat: rematerialise each student block in the backward pass.
 
     Returns:
-      A `TeacherSetup` whose `combine(trainable, frozen)` gives the student's effective params
+      A `TrainableViT` whose `combine(trainable, frozen)` gives the student's effective params
       (LoRA materialised, for export) and whose `apply_variables` gives the factored-LoRA
       variables the step uses (its gradient reaches only the trainable leaves).
     """
@@ -94,7 +87,7 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
         raise errors.UserError(f"config.wecolora.variants: unknown variant {variant!r}; use {tuple(VARIANTS)}.")
     spec = VARIANTS[variant]
     params = surgery.copy_every_dth_block(teacher_params, d)
-    model = teacher_model.clone(num_layers=student_depth(teacher_model.num_layers, d), dtype=dtype,
+    model = teacher_model.clone(num_layers=surgery.student_depth(teacher_model.num_layers, d), dtype=dtype,
                                 remat_blocks=remat, parent=None)
     if not spec.copy_weights:
         images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -104,10 +97,10 @@ def build_student(variant: str, teacher_model: vit.VisionTransformer, teacher_pa
                               lora_alpha=None, lora_targets=spec.lora_targets, lora_init="uniform",
                               train_head=False)
     trainable, frozen = surgery.partition(params, _not_head)
-    return TeacherSetup(model, trainable, frozen, surgery.merge_partitions)
+    return TrainableViT(model, trainable, frozen, surgery.merge_partitions)
 
 
-def feature_distillation_loss(teacher: vit.VisionTransformer, setup: TeacherSetup, after_norm: bool):
+def feature_distillation_loss(teacher: vit.VisionTransformer, setup: TrainableViT, after_norm: bool):
     """The step's loss: mean L1 between the student's and the frozen teacher's tokens.
 
     `frozen` is `{'teacher': teacher params, 'student': the student's frozen leaves}`; the teacher
@@ -124,7 +117,7 @@ def feature_distillation_loss(teacher: vit.VisionTransformer, setup: TeacherSetu
     return loss_fn
 
 
-def make_l1_evaluator(teacher: vit.VisionTransformer, setup: TeacherSetup, after_norm: bool,
+def make_l1_evaluator(teacher: vit.VisionTransformer, setup: TrainableViT, after_norm: bool,
                       eval_data) -> Callable[[Any], dict]:
     """`replicated_state -> {'l1': mean L1 per real eval image, 'num_examples': n}` (exact, padded)."""
     def step(variables, batch):
@@ -149,17 +142,6 @@ def make_l1_evaluator(teacher: vit.VisionTransformer, setup: TeacherSetup, after
     return evaluate
 
 
-def schedule_steps(num_examples: int, batch_size: int, epochs: int, warmup_epochs: int, *,
-                   section: str) -> tuple[int, int, int]:
-    """`(steps_per_epoch, total_steps, warmup_steps)` of an epoch-based run (last partial batch dropped)."""
-    steps_per_epoch = num_examples // batch_size
-    if steps_per_epoch < 1:
-        raise errors.UserError(
-            f"config.{section}.batch_size={batch_size} is larger than the {num_examples} training examples, so "
-            f"an epoch has no full batch; lower the batch size or use more data (config.data.few_shot_*).")
-    return steps_per_epoch, epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-
-
 def make_tx(w, total_steps: int, warmup_steps: int):
     """AdamW (betas `w.adam_betas`), wd on matrices, lr = blr * batch / 256, warmup + cosine, no clip."""
     peak = w.blr * w.batch_size / 256
@@ -169,70 +151,93 @@ def make_tx(w, total_steps: int, warmup_steps: int):
         adam_betas=tuple(w.adam_betas), weight_decay_mask=optim.matrix_mask)
 
 
-def load_teacher(ctx: common.RunContext) -> tuple[vit.VisionTransformer, Any, str]:
-    """The frozen teacher (plain ViT, its own head kept) and its checkpoint path."""
-    path = teacher_checkpoint_path(ctx)
-    model, params = checkpoints.load_augreg(path, image_size=ctx.config.data.image_size,
-                                            cache_dir=teacher_cache_dir(ctx),
-                                            dtype=DTYPES[ctx.config.teacher.dtype])
-    return model, params, path
-
-
-def student_path(ctx: common.RunContext, variant: str) -> str:
-    return ctx.path(STAGE, variant, "student.npz")
-
-
 def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTransformer,
                     teacher_params: Any, num_examples: int) -> dict:
     """Trains (or resumes, or skips if complete) one variant's student and exports it merged."""
     w = ctx.config.wecolora
-    run_dir = ctx.path(STAGE, variant)
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = files.read_json(summary_path)
-    if summary and summary.get("complete"):
-        logging.info("%s/%s: complete, skipping.", STAGE, variant)
-        return summary
-    spec = VARIANTS[variant]
-    size = ctx.config.data.image_size
-    setup = build_student(variant, teacher, teacher_params, d=w.d, lora_rank=w.lora_rank, image_size=size,
-                          rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype], remat=w.remat)
-    steps_per_epoch, steps, warmup = schedule_steps(num_examples, w.batch_size, w.epochs, w.warmup_epochs,
-                                                    section="wecolora")
-    tx = make_tx(w, steps, warmup)
-    state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(STAGE, variant, "train"),
-                                         frozen={"teacher": teacher_params, "student": setup.frozen})
-    step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
-        feature_distillation_loss(teacher, setup, spec.after_norm), tx, accum_steps=w.accum_steps))
-    evaluator = make_l1_evaluator(teacher, setup, spec.after_norm, common.eval_data(ctx, w.batch_size))
-    initial = evaluator(devices.replicate(state))
-    logging.info("%s/%s: %d blocks, %d trainable params, %d steps (%d per epoch); test-image L1 at init %.5f",
-                 STAGE, variant, setup.model.num_layers, tree.param_count(setup.trainable), steps,
-                 steps_per_epoch, initial["l1"])
-    final, history = loop.run(
-        loop.LoopConfig(name=f"{STAGE}/{variant}", num_steps=steps, global_batch_size=w.batch_size,
-                        log_every=w.log_every, eval_every=0, checkpoint_every=w.checkpoint_every),
-        step_fn=step_fn, state=state,
-        make_train_iterator=common.train_iterator_factory(ctx, w.batch_size, seed=ctx.config.seed),
-        checkpointer=common.checkpointer(os.path.join(run_dir, "checkpoints")), evaluate=evaluator,
-        writer=ctx.writer)
-    out = student_path(ctx, variant)
-    common.save_params(out, setup.combine(final.params, final.frozen["student"]))  # LoRA merged
-    summary = {"variant": variant, "complete": True, "description": spec.description, "d": w.d,
-               "student_blocks": setup.model.num_layers,
-               "lora_rank": w.lora_rank if spec.lora_targets else None, "lora_targets": spec.lora_targets,
-               "target": "after encoder_norm" if spec.after_norm else "last block, before encoder_norm",
-               "trainable_params": tree.param_count(setup.trainable), "steps": steps, "epochs": w.epochs,
-               "few_shot_examples": num_examples, "l1_initial": initial["l1"],
-               "l1_final": history[-1]["l1"] if history else None, "student_checkpoint": out}
-    common.write_json(summary_path, summary)
-    return summary
+
+    def body(sub: runs.SubRun) -> dict:
+        spec = VARIANTS[variant]
+        size = ctx.config.data.image_size
+        setup = build_student(variant, teacher, teacher_params, d=w.d, lora_rank=w.lora_rank, image_size=size,
+                              rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype], remat=w.remat)
+        steps_per_epoch, steps, warmup = optim.epoch_schedule_steps(num_examples, w.batch_size, w.epochs,
+                                                                    w.warmup_epochs, section="wecolora")
+        tx = make_tx(w, steps, warmup)
+        state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(STAGE, variant, "train"),
+                                             frozen={"teacher": teacher_params, "student": setup.frozen})
+        step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
+            feature_distillation_loss(teacher, setup, spec.after_norm), tx, accum_steps=w.accum_steps))
+        evaluator = make_l1_evaluator(teacher, setup, spec.after_norm, common.eval_data(ctx, w.batch_size))
+        initial = evaluator(devices.replicate(state))
+        logging.info("%s/%s: %d blocks, %d trainable params, %d steps (%d per epoch); test-image L1 at init %.5f",
+                     STAGE, variant, setup.model.num_layers, tree.param_count(setup.trainable), steps,
+                     steps_per_epoch, initial["l1"])
+        final, history = sub.train(
+            state, step_fn, make_train_iterator=common.train_iterator_factory(ctx, w.batch_size, seed=ctx.config.seed),
+            loop_config=loop.LoopConfig(name=sub.name, num_steps=steps, global_batch_size=w.batch_size,
+                                        log_every=w.log_every, eval_every=0, checkpoint_every=w.checkpoint_every),
+            evaluate=evaluator)
+        out = handoff.fewshot_student_path(ctx, variant)
+        common.save_params(out, setup.combine(final.params, final.frozen["student"]))  # LoRA merged
+        return sub.commit({
+            "variant": variant, "description": spec.description, "d": w.d, "student_blocks": setup.model.num_layers,
+            "lora_rank": w.lora_rank if spec.lora_targets else None, "lora_targets": spec.lora_targets,
+            "target": "after encoder_norm" if spec.after_norm else "last block, before encoder_norm",
+            "trainable_params": tree.param_count(setup.trainable), "steps": steps, "epochs": w.epochs,
+            "few_shot_examples": num_examples, "l1_initial": initial["l1"], "l1_final": history[-1]["l1"],
+            "student_checkpoint": out}, metrics=("l1_final",))
+
+    return runs.resumable(ctx, f"{STAGE}/{variant}", ctx.path(handoff.FEWSHOT_DIR, variant), body)
 
 
-def fewshot_distill(ctx: common.RunContext) -> dict:
+def results_table(results: dict) -> str:
+    """Markdown: one row per variant (blocks, trainable params, test-image L1 before and after)."""
+    lines = ["| student | d | blocks | LoRA rank | trainable params | few-shot images | distill L1 start -> end |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        rank = "-" if r["lora_rank"] is None else str(r["lora_rank"])
+        lines.append(f"| {r['variant']} | {r['d']} | {r['student_blocks']} | {rank} | {r['trainable_params']:,} | "
+                     f"{r['few_shot_examples']} | {r['l1_initial']:.4f} -> {r['l1_final']:.4f} |")
+    return "\n".join(lines) + f"\n\nTeacher: {results['teacher']} ({results['teacher_blocks']} blocks)."
+
+
+def fewshot_distill(ctx: common.RunContext) -> stages.StageOutput:
     """The `fewshot_distill` stage: every configured variant against the frozen teacher."""
     w = ctx.config.wecolora
-    teacher, teacher_params, teacher_path = load_teacher(ctx)
+    teacher, teacher_params, teacher_path = handoff.load_frozen_teacher(ctx)
     num_examples = pipeline.num_train_examples(ctx.config.data, ctx.config.dataset)
     rows = [distill_variant(ctx, v, teacher, teacher_params, num_examples) for v in w.variants]
-    return {"teacher": teacher_path, "teacher_blocks": teacher.num_layers, "d": w.d,
-            "few_shot_examples": num_examples, "rows": rows}
+    results = {"teacher": teacher_path, "teacher_blocks": teacher.num_layers, "d": w.d,
+               "few_shot_examples": num_examples, "rows": rows}
+    return stages.StageOutput(results, results_table(results))
+
+
+def validate(config) -> None:
+    w = config.wecolora
+    for name in ("d", "lora_rank", "epochs", "batch_size", "accum_steps"):
+        cv.positive_int(config, f"wecolora.{name}")
+    cv.check(cv.is_int(w.warmup_epochs) and 0 <= w.warmup_epochs < w.epochs, "wecolora.warmup_epochs",
+             f"an integer in [0, wecolora.epochs={w.epochs})", w.warmup_epochs)
+    cv.check(len(w.variants) > 0 and all(v in VARIANTS for v in w.variants), "wecolora.variants",
+             f"a non-empty list of {', '.join(VARIANTS)}", w.variants)
+    cv.check(len(set(w.variants)) == len(w.variants), "wecolora.variants", "a list without repeats", w.variants)
+    cv.check(w.blr > 0, "wecolora.blr", "> 0", w.blr)
+    cv.check(w.weight_decay >= 0, "wecolora.weight_decay", ">= 0", w.weight_decay)
+    cv.check(len(w.adam_betas) == 2 and all(0 <= b < 1 for b in w.adam_betas), "wecolora.adam_betas",
+             "two numbers in [0, 1)", w.adam_betas)
+    cv.check(w.batch_size % w.accum_steps == 0, "wecolora.accum_steps",
+             f"a divisor of wecolora.batch_size ({w.batch_size})", w.accum_steps)
+    cv.one_of("wecolora.dtype", w.dtype, DTYPES)
+    cv.check(isinstance(w.remat, bool), "wecolora.remat", "True or False", w.remat)
+    cv.positive_int(config, "wecolora.log_every")
+    cv.check(cv.is_int(w.checkpoint_every) and w.checkpoint_every >= 0, "wecolora.checkpoint_every",
+             "an integer >= 0 (0: only at the end)", w.checkpoint_every)
+
+
+STAGES = (
+    stages.Stage(STAGE, folder=handoff.FEWSHOT_DIR, section="wecolora", run=fewshot_distill, validate=validate,
+                 reads=("teacher.checkpoint", "teacher.dtype"),
+                 needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
+                                    handoff.uses_pretrained_teacher),)),
+)
