@@ -17,7 +17,7 @@ def every_stage_config():
     c.finetune.update(dict(settings=("remem",), steps=6, keep_steps=(3, 6), batch_size=16, warmup_steps=1,
                            eval_every=0, checkpoint_every=3, log_every=3))
     c.distill.update(dict(steps=6, batch_size=16, warmup_steps=1, checkpoint_every=3, log_every=3,
-                          teachers="last", export_formats=()))
+                          teachers="last", export_formats=("stablehlo",)))
     c.data.few_shot_per_class = 4  # 40 images: 2 steps per epoch at batch 16
     c.wecolora.update(dict(variants=("wecolora", "scratch_kd"), lora_rank=2, epochs=2, warmup_epochs=1,
                            batch_size=16, checkpoint_every=2, log_every=2))

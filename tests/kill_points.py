@@ -1,0 +1,204 @@
+"""kill -9 a run at exact points, rerun it in the same workdir, and compare with an uninterrupted run.
+
+The points are events, not timed guesses; each is counted in run order within one process:
+
+  checkpoint_saved   right after an orbax train-state checkpoint is written
+  atomic_rename      inside `files.atomic_write`: the temporary file is complete, not yet renamed
+                     (summary.json, eval_history.json, kept.json, every npz export, results files)
+  commit             between a sub-run's last checkpoint and export and its summary (`SubRun.commit`)
+
+  python -m tests.kill_points count  MODULE:FACTORY WORKDIR EVENTS.json   # uninterrupted; lists events
+  python -m tests.kill_points kill   MODULE:FACTORY WORKDIR EVENT:N       # dies by SIGKILL at that event
+  python -m tests.kill_points run    MODULE:FACTORY WORKDIR               # a plain (re)run
+  python -m tests.kill_points sweep  MODULE:FACTORY ROOT POINTS           # the whole experiment, a report
+
+`compare(reference, workdir)` is what "identical" means: every npz array by array, results.json
+and every results.md with the workdir's path taken out.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+EVENTS = ("checkpoint_saved", "atomic_rename", "commit")
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
+
+
+def _install(kill_at, log):
+    """Wraps the event sites; `kill_at` = (event, n) kills at that event, `log` collects every event."""
+    from remem_jax import files
+    from remem_jax.train import checkpointing, runs
+    counts = dict.fromkeys(EVENTS, 0)
+
+    def event(name, path):
+        counts[name] += 1
+        log.append({"event": name, "n": counts[name], "path": path})
+        if kill_at == (name, counts[name]):
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    save = checkpointing.StateCheckpointer.save
+
+    def saved(self, step, state):
+        save(self, step, state)
+        event("checkpoint_saved", f"{self.directory}/{step}")
+    checkpointing.StateCheckpointer.save = saved
+
+    commit = runs.SubRun.commit
+
+    def committing(self, summary, **kwargs):
+        event("commit", self.summary_path)
+        return commit(self, summary, **kwargs)
+    runs.SubRun.commit = committing
+
+    real_replace = os.replace
+
+    class _Os:  # files.atomic_write's `os`, with its rename of a finished temporary file watched
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            if _TEMPORARY.search(str(src)):
+                event("atomic_rename", str(dst))
+            return real_replace(src, dst)
+    files.os = _Os()
+
+
+def _run(factory: str, workdir: str, kill_at=None, log=None) -> None:
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    module, function = factory.split(":")
+    config = getattr(importlib.import_module(module), function)()
+    _install(kill_at, log if log is not None else [])
+    from remem_jax import main
+    main.run(config, workdir)
+
+
+def child(args, kill_point=None, devices: int = 2, timeout_s: float = 1800) -> subprocess.CompletedProcess:
+    """Runs this module as a child process with `devices` fake CPU devices."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+    return subprocess.run([sys.executable, "-m", "tests.kill_points", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def _npz_files(root: str) -> dict[str, str]:
+    return {os.path.relpath(os.path.join(d, f), root): os.path.join(d, f)
+            for d, _, names in os.walk(root) for f in names if f.endswith(".npz")}
+
+
+def _results_md(root: str) -> dict[str, str]:
+    return {os.path.relpath(os.path.join(d, f), root): os.path.join(d, f)
+            for d, _, names in os.walk(root) for f in names if f == "results.md"}
+
+
+def compare(reference: str, workdir: str) -> list[str]:
+    """The differences between two workdirs' results (empty: identical)."""
+    problems = []
+    want, got = _npz_files(reference), _npz_files(workdir)
+    if set(want) != set(got):
+        problems.append(f"npz files differ: {sorted(set(want) ^ set(got))}")
+    for name in sorted(set(want) & set(got)):
+        with np.load(want[name]) as a, np.load(got[name]) as b:
+            if sorted(a) != sorted(b):
+                problems.append(f"{name}: keys differ")
+                continue
+            problems += [f"{name}: {key} differs" for key in a if not np.array_equal(a[key], b[key])]
+    for kind, paths in (("results.md", _results_md),):
+        want, got = paths(reference), paths(workdir)
+        if set(want) != set(got):
+            problems.append(f"{kind} files differ: {sorted(set(want) ^ set(got))}")
+        for name in sorted(set(want) & set(got)):
+            if open(want[name]).read().replace(reference, "WD") != open(got[name]).read().replace(workdir, "WD"):
+                problems.append(f"{name} differs")
+    a = open(os.path.join(reference, "results.json")).read().replace(reference, "WD")
+    b = open(os.path.join(workdir, "results.json")).read().replace(workdir, "WD")
+    if json.loads(a) != json.loads(b):
+        problems.append("results.json differs")
+    leftovers = [os.path.join(d, f) for d, _, names in os.walk(workdir) for f in names if _TEMPORARY.search(f)]
+    if leftovers:
+        problems.append(f"temporary files left: {leftovers}")
+    return problems
+
+
+def choose_points(events: list[dict], count: int) -> list[str]:
+    """`count` kill points spread over the run: each event kind in proportion, evenly in run order."""
+    by_kind = {e: [x for x in events if x["event"] == e] for e in EVENTS}
+    share = {"checkpoint_saved": 0.3, "commit": 0.3, "atomic_rename": 0.4}
+    points = []
+    for kind, items in by_kind.items():
+        k = min(len(items), max(1, round(share[kind] * count)))
+        picks = np.linspace(0, len(items) - 1, k).round().astype(int) if k > 1 else [len(items) // 2]
+        points += [f"{kind}:{items[i]['n']}" for i in sorted(set(int(i) for i in picks))]
+    return points[:count]
+
+
+def sweep(factory: str, root: str, points, *, report=print) -> list[dict]:
+    """The reference run, then for each point: a killed run and a rerun in its workdir, compared."""
+    reference = os.path.join(root, "reference")
+    events_path = os.path.join(root, "events.json")
+    start = time.time()
+    done = child(["count", factory, reference, events_path])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report(f"reference run: {time.time() - start:.0f} s")
+    events = json.load(open(events_path))
+    if isinstance(points, int):
+        points = choose_points(events, points)
+    rows = []
+    for point in points:
+        workdir = os.path.join(root, point.replace(":", "_"))
+        start = time.time()
+        killed = child(["kill", factory, workdir, point])
+        if killed.returncode != -signal.SIGKILL:
+            rows.append({"point": point, "killed": False, "problems": [f"rc {killed.returncode}",
+                                                                       killed.stderr[-2000:]]})
+            report(rows[-1])
+            continue
+        path = next((e["path"] for e in events if f"{e['event']}:{e['n']}" == point), "?")
+        rerun = child(["run", factory, workdir])
+        problems = [f"rerun failed: {rerun.stderr[-2000:]}"] if rerun.returncode else compare(reference, workdir)
+        rows.append({"point": point, "at": os.path.relpath(path, workdir) if path.startswith(workdir) else path,
+                     "killed": True, "problems": problems, "seconds": round(time.time() - start)})
+        report(rows[-1])
+    return rows
+
+
+def main(argv):
+    command, factory, workdir = argv[1:4]
+    if command == "count":
+        log = []
+        _run(factory, workdir, log=log)
+        with open(argv[4], "w") as f:
+            json.dump(log, f, indent=1)
+    elif command == "kill":
+        event, n = argv[4].split(":")
+        _run(factory, workdir, kill_at=(event, int(n)))
+        sys.exit(f"the run finished without reaching {argv[4]}")
+    elif command == "run":
+        _run(factory, workdir)
+    elif command == "sweep":
+        points = int(argv[4]) if argv[4].isdigit() else argv[4].split(",")
+        rows = sweep(factory, workdir, points, report=lambda r: print(r, flush=True))
+        with open(os.path.join(workdir, "sweep.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        bad = [r for r in rows if r["problems"] or not r["killed"]]
+        print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")
+        sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
