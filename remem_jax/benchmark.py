@@ -61,10 +61,10 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from remem_jax import devices as device_lib, dtypes, optim, tree
+from remem_jax import devices as device_lib, dtypes, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import students, vit
-from remem_jax.train import distill, state as state_lib, step as step_lib, teacher, wecolora
+from remem_jax.train import distill, state as state_lib, step as step_lib, vit_finetune, wecolora
 
 AXIS = "batch"
 MODES = ("finetune_plain", "finetune_sam", "finetune_lora", "finetune_lora_plain", "distill", "fewshot_distill",
@@ -336,10 +336,25 @@ class ModeSetup:
     teacher_forward: Optional[Callable] = None  # pmapped (teacher_params, batch) -> ...; None: the full forward
 
 
-def _optimizer(total_steps: int):
-    # The fine-tuning defaults of configs/common.py: SGD momentum 0.9, wd 1e-4, clip 1, warmup+cosine.
-    schedule = optim.warmup_cosine_schedule(0.03, total_steps, optim.default_warmup_steps(total_steps))
-    return optim.make_optimizer(learning_rate=schedule, momentum=0.9, weight_decay=1e-4, grad_clip_norm=1.0)
+def stage_config(options: BenchmarkOptions) -> ml_collections.ConfigDict:
+    """configs/common.py's defaults (what a run uses) with the benchmark's batch, steps, dtype and remat."""
+    try:
+        from configs import common
+    except ImportError as e:
+        raise ValueError("the benchmark builds its steps from configs/common.py: run it from the repository root "
+                         f"(the folder holding configs/) ({e}).") from None
+    config = common.get_config()
+    total = options.warmup + options.steps
+    for name in ("finetune", "distill", "wecolora", "tinymim"):
+        config[name].batch_size = options.batch_size
+    config.finetune.update(dict(steps=total, lora_rank=options.lora_rank, lora_targets="qv", remat=options.remat,
+                                dtype=options.dtype))
+    config.distill.update(dict(steps=total, student=options.student, dtype=options.dtype, method="kd"))
+    config.wecolora.update(dict(d=options.wecolora_d, lora_rank=options.wecolora_rank, dtype=options.dtype,
+                                remat=options.remat))
+    config.tinymim.update(dict(steps=total, student=options.tinymim_student, dtype=options.dtype,
+                               num_layers=options.tinymim_student_layers or None, remat=options.remat))
+    return config
 
 
 def _create_vit(options: BenchmarkOptions) -> vit.VisionTransformer:
@@ -353,88 +368,75 @@ def _init_vit(model: vit.VisionTransformer, rng: jax.Array, image_size: int) -> 
 
 
 def build_finetune(options: BenchmarkOptions, mode: str) -> ModeSetup:
-    """The teacher fine-tuning step of `mode` (full or LoRA, plain or SAM) and its state."""
+    """The teacher fine-tuning step of `mode` (full or LoRA, plain or SAM): `vit_finetune.classifier_step`
+    with `config.finetune`."""
     lora = mode in ("finetune_lora", "finetune_lora_plain")
     rho = options.sam_rho if mode in ("finetune_sam", "finetune_lora") else 0.0
+    f = stage_config(options).finetune
     key = jax.random.PRNGKey(options.seed)
     model = _create_vit(options)
     params = _init_vit(model, jax.random.fold_in(key, 0), options.image_size)
-    setup = teacher.setup_finetune(model, params, "lora" if lora else "full", jax.random.fold_in(key, 1),
-                                   image_size=options.image_size, lora_rank=options.lora_rank,
-                                   lora_alpha=32.0, lora_targets="qv")
-    tx = _optimizer(options.warmup + options.steps)
-    state = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.fold_in(key, 2),
-                                         frozen=setup.frozen)
-    step = step_lib.make_train_step(teacher.classification_loss(setup.model, setup.apply_variables), tx,
-                                    sam_rho=rho)
-    what = f"LoRA qv rank {options.lora_rank} (base frozen)" if lora else "full fine-tuning"
+    setup = vit_finetune.setup_finetune(model, params, "lora" if lora else "full", jax.random.fold_in(key, 1),
+                                        image_size=options.image_size, lora_rank=f.lora_rank,
+                                        lora_alpha=f.lora_alpha, lora_targets=f.lora_targets)
+    state, step = vit_finetune.classifier_step(f, setup, steps=f.steps, sam_rho=rho, rng=jax.random.fold_in(key, 2))
+    what = f"LoRA {f.lora_targets} rank {f.lora_rank} (base frozen)" if lora else "full fine-tuning"
     return ModeSetup(step, state, f"ViT-{options.model} {what}, SAM rho {rho}", rho)
 
 
 def build_distill(options: BenchmarkOptions) -> ModeSetup:
-    """The KD step: frozen ViT teacher inside the step, CNN student with cross-device BatchNorm."""
+    """The KD step (`distill.distillation_step` with `config.distill`): frozen ViT teacher inside the step,
+    CNN student with cross-device BatchNorm."""
+    d = stage_config(options).distill
     key = jax.random.PRNGKey(options.seed)
     teacher_model = _create_vit(options)
     teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), options.image_size)
-    student = students.create_student(options.student, options.num_classes, dtype=DTYPES[options.dtype],
-                                      bn_axis_name=AXIS)
+    student = distill.student_model(d, options.num_classes)
     params, batch_stats = students.init_student(student, jax.random.fold_in(key, 3), options.image_size)
-    tx = _optimizer(options.warmup + options.steps)
+    tx = distill.student_tx(d)
     state = state_lib.create_train_state(params, tx, rng=jax.random.fold_in(key, 2),
                                          frozen={"teacher": teacher_params}, batch_stats=batch_stats)
-    # configs/common.py's distill defaults.
-    objective = distill.distillation_objective("kd", ml_collections.ConfigDict(
-        {"temperature": 1.0, "kd_weight": 0.5}))
-    step = step_lib.make_train_step(distill.distillation_loss(student, teacher_model, objective), tx)
-    return ModeSetup(step, state, f"KD: frozen ViT-{options.model} teacher + {options.student} student "
-                     "(BatchNorm), SAM rho 0", 0.0, teacher=teacher_model)
+    step = distill.distillation_step(d, student, teacher_model, d.method, tx)
+    return ModeSetup(step, state, f"{d.method.upper()}: frozen ViT-{options.model} teacher + {options.student} "
+                     "student (BatchNorm), SAM rho 0", 0.0, teacher=teacher_model)
 
 
 def build_fewshot(options: BenchmarkOptions, mode: str) -> ModeSetup:
-    """WeCoLoRA's step (LoRA on every linear layer) or WeCo+KD's (every weight), teacher inside."""
+    """WeCoLoRA's step (LoRA on every linear layer) or WeCo+KD's (every weight), teacher inside:
+    `wecolora.variant_step` with `config.wecolora`."""
+    w = stage_config(options).wecolora
     key = jax.random.PRNGKey(options.seed)
     teacher_model = _create_vit(options)
     teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), options.image_size)
     variant = "wecolora" if mode == "fewshot_distill" else "weco_kd"
-    setup = wecolora.build_student(variant, teacher_model, teacher_params, d=options.wecolora_d,
-                                   lora_rank=options.wecolora_rank, image_size=options.image_size,
-                                   rng=jax.random.fold_in(key, 1), dtype=DTYPES[options.dtype])
-    w = ml_collections.ConfigDict({"blr": 1e-3, "batch_size": options.batch_size, "weight_decay": 0.05,
-                                   "adam_betas": (0.9, 0.95)})  # configs/common.py's wecolora defaults
+    setup = wecolora.build_student(variant, teacher_model, teacher_params, d=w.d, lora_rank=w.lora_rank,
+                                   image_size=options.image_size, rng=jax.random.fold_in(key, 1),
+                                   dtype=DTYPES[w.dtype], remat=w.remat)
     total = options.warmup + options.steps
-    tx = wecolora.make_tx(w, total, min(2, total - 1))
-    state = state_lib.create_train_state(setup.trainable, tx, rng=jax.random.fold_in(key, 2),
-                                         frozen={"teacher": teacher_params, "student": setup.frozen})
+    state, step = wecolora.variant_step(w, variant, setup, teacher_model, teacher_params, steps=total,
+                                        warmup_steps=min(2, total - 1), rng=jax.random.fold_in(key, 2))
     spec = wecolora.VARIANTS[variant]
-    step = step_lib.make_train_step(wecolora.feature_distillation_loss(teacher_model, setup, spec.after_norm), tx)
-    what = (f"LoRA rank {options.wecolora_rank} on every linear layer" if spec.lora_targets else "every weight")
+    what = (f"LoRA rank {w.lora_rank} on every linear layer" if spec.lora_targets else "every weight")
     return ModeSetup(step, state, f"few-shot feature distillation: frozen ViT-{options.model} teacher -> "
-                     f"{setup.model.num_layers}-block weight copy (d={options.wecolora_d}), {what}", 0.0,
+                     f"{setup.model.num_layers}-block weight copy (d={w.d}), {what}", 0.0,
                      teacher=teacher_model)
+
+
 def build_relation_distill(options: BenchmarkOptions) -> ModeSetup:
-    """TinyMIM's relation step (train/tinymim.py) with configs/common.py's tinymim defaults."""
+    """TinyMIM's relation step (`tinymim.build_objective` and `tinymim.distill_step` with `config.tinymim`)."""
     from remem_jax.train import tinymim
+    t = stage_config(options).tinymim
     key = jax.random.PRNGKey(options.seed)
     size = options.image_size
     teacher_model = vit.create_vit(options.model, options.num_classes, dtype=DTYPES[options.dtype],
                                    **({"num_layers": options.num_layers} if options.num_layers else {}))
     teacher_params = _init_vit(teacher_model, jax.random.fold_in(key, 0), size)
-    t = ml_collections.ConfigDict(dict(
-        student=options.tinymim_student, num_layers=options.tinymim_student_layers or None, num_heads=None,
-        last_block_heads=None, posemb="sincos2d", drop_path=0.1, dtype=options.dtype, steps=options.warmup + options.steps,
-        warmup_steps=None, lr=None, blr=1.5e-4, batch_size=options.batch_size, weight_decay=0.05, adam_b2=0.95,
-        grad_clip_norm=0.0, remat=options.remat))
     student = tinymim.student_model(t, teacher_model.num_heads)
     block = tinymim.default_teacher_block(teacher_model.num_layers, student.num_layers)
-    objective = tinymim.Objective(tinymim.RunSpec("relation", block), student.clone(qkv_only_block=student.num_layers - 1),
-                                  teacher_model.clone(qkv_only_block=block - 1), teacher_model.hidden_size, 0.4)
-    trained, frozen_student = tinymim.split_used(_init_vit(student, jax.random.fold_in(key, 3), size),
-                                                 objective.student, size)
-    teacher_used, _ = tinymim.split_used(teacher_params, objective.teacher, size)
-    tx = tinymim.make_distill_tx(t)
-    state = state_lib.create_train_state({"student": trained, "projection": {}}, tx, rng=jax.random.fold_in(key, 2),
-                                         frozen={"teacher": teacher_used, "student": frozen_student})
-    step = step_lib.make_train_step(objective.loss_fn(train=True), tx)
+    objective = tinymim.build_objective(t, teacher_model, student, tinymim.RunSpec("relation", block))
+    state, step, _ = tinymim.distill_step(t, objective, _init_vit(student, jax.random.fold_in(key, 3), size),
+                                          teacher_params, image_size=size, rng=jax.random.fold_in(key, 2),
+                                          projection_rng=jax.random.fold_in(key, 4))
     forward = jax.pmap(lambda p, batch: objective.teacher_targets(p, batch["image"]), axis_name=AXIS)
     return ModeSetup(step, state, f"TinyMIM relations: frozen ViT-{options.model} teacher block {block} of "
                      f"{teacher_model.num_layers} + ViT-{options.tinymim_student} student ({student.num_layers} "

@@ -171,7 +171,7 @@ def sweep(factory: str, root: str, points, *, report=print) -> list[dict]:
         path = next((e["path"] for e in events if f"{e['event']}:{e['n']}" == point), "?")
         rerun = child(["run", factory, workdir])
         problems = [f"rerun failed: {rerun.stderr[-2000:]}"] if rerun.returncode else compare(reference, workdir)
-        rows.append({"point": point, "at": os.path.relpath(path, workdir) if path.startswith(workdir) else path,
+        rows.append({"point": point, "at": os.path.relpath(path, reference) if path.startswith(reference) else path,
                      "killed": True, "problems": problems, "seconds": round(time.time() - start)})
         report(rows[-1])
     return rows

@@ -8,7 +8,7 @@ import pytest
 from configs import digits
 from remem_jax import checkpoints, errors
 from remem_jax.models import vit
-from remem_jax.train import common, handoff, state as state_lib, teacher, tinymim, vit_finetune, wecolora
+from remem_jax.train import common, handoff, runs, state as state_lib, teacher, tinymim, vit_finetune, wecolora
 
 IMAGE_SIZE = 16
 
@@ -181,3 +181,63 @@ def test_exported_teacher_is_a_plain_npz_with_the_reweighted_logits(teacher_npz,
     want = model.apply({"params": reweighted}, images)
     got = plain_model.apply({"params": plain}, images)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_summary_redoes_the_final_evaluation(
+        teacher_npz, tmp_path, monkeypatch):
+    """The summary is the commit point: dying right before it must not record an empty evaluation."""
+    want = teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "a", teacher_npz)).results["remem"]
+
+    real_commit = runs.SubRun.commit
+
+    def dies(self, summary, **kwargs):
+        raise Interrupt()
+    monkeypatch.setattr(runs.SubRun, "commit", dies)
+    with pytest.raises(Interrupt):
+        teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "b", teacher_npz))
+    assert sorted(os.listdir(tmp_path / "b" / "finetune" / "remem" / "checkpoints")) == ["3", "6"]  # kept steps
+    assert not os.path.exists(tmp_path / "b" / "finetune" / "remem" / "summary.json")
+    monkeypatch.setattr(runs.SubRun, "commit", real_commit)
+    got = teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "b", teacher_npz)).results["remem"]
+    assert [h["step"] for h in got["eval_history"]] == [2, 3, 4, 6]
+    assert got["eval_history"] == want["eval_history"] and got["kept"] == [
+        dict(k, checkpoint=k["checkpoint"].replace(str(tmp_path / "a"), str(tmp_path / "b"))) for k in want["kept"]]
+
+
+def test_the_evaluation_history_survives_a_resume(teacher_npz, tmp_path, monkeypatch):
+    want = teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "a", teacher_npz)).results["remem"]
+    real_factory = common.train_iterator_factory
+    # Dies fetching the 5th batch: evaluations at 2, 3 (kept) and 4 ran, the last checkpoint is step 3.
+    monkeypatch.setattr(common, "train_iterator_factory",
+                        lambda *a, **k: interrupting(real_factory(*a, **k), after_batches=4))
+    with pytest.raises(Interrupt):
+        teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "b", teacher_npz))
+    monkeypatch.setattr(common, "train_iterator_factory", real_factory)
+    got = teacher.finetune_teacher(context(tiny_config(eval_every=2), tmp_path / "b", teacher_npz)).results["remem"]
+    assert [h["step"] for h in got["eval_history"]] == [2, 3, 4, 6]  # not only those after the restart
+    assert got["eval_history"] == want["eval_history"]
+
+
+@pytest.mark.parametrize("summary, message", [
+    ({"eval": {}}, r"the final evaluation 'eval' is empty"),
+    ({"eval": {"top1": float("nan")}}, r"summary.eval.top1 is nan"),
+    ({"eval": {"top1": 0.5}, "history": [{"loss": float("inf")}]}, r"summary.history\[0\].loss is inf"),
+])
+def test_a_summary_with_an_empty_or_non_finite_metric_is_never_written(tmp_path, summary, message):
+    sub = runs.SubRun(common.RunContext(config=digits.get_config(), workdir=str(tmp_path)), "x/y", str(tmp_path / "y"))
+    with pytest.raises(errors.NonFiniteLossError, match=message):
+        sub.commit(summary, metrics=("eval",))
+    assert not os.path.exists(sub.summary_path) and sub.committed() is None
+    assert sub.commit({"eval": {"top1": 0.5}}, metrics=("eval",))["complete"] and sub.committed()["eval"]["top1"] == 0.5
+
+
+def test_temporary_files_of_interrupted_writes_are_removed_when_a_run_starts(tmp_path):
+    from remem_jax import files
+    os.makedirs(tmp_path / "distill" / "scratch")
+    stale = [tmp_path / "results.json.tmp-0123456789abcdef0123456789abcdef",
+             tmp_path / "distill" / "scratch" / "student.npz.tmp-fedcba9876543210fedcba9876543210"]
+    kept = [tmp_path / "distill" / "scratch" / "notes.tmp-1", tmp_path / "distill" / "student.npz"]
+    for path in stale + kept:
+        path.write_text("x")
+    assert sorted(files.remove_stale_temporaries(str(tmp_path))) == sorted(map(str, stale))
+    assert [p.exists() for p in stale + kept] == [False, False, True, True]

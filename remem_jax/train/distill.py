@@ -77,6 +77,22 @@ def kept_teachers(ctx: common.RunContext) -> list[dict]:
     return teachers
 
 
+def student_model(d, num_classes: int):
+    """The CNN student of `config.distill` (BatchNorm statistics averaged over the 'batch' axis)."""
+    extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
+    return students.create_student(d.student, num_classes, dtype=DTYPES[d.dtype], bn_axis_name="batch", **extra)
+
+
+def student_tx(d):
+    """`config.distill`'s optimizer: SGD momentum, warmup (5% of steps by default) + cosine, wd, clip."""
+    return common.make_tx(d, d.steps, warmup_fraction=0.05)
+
+
+def distillation_step(d, student, teacher, method: str, tx):
+    """The train step (not yet pmapped) of `method` with `config.distill`'s loss settings; teacher None: scratch."""
+    return step_lib.make_train_step(distillation_loss(student, teacher, distillation_objective(method, d)), tx)
+
+
 @dataclasses.dataclass
 class StudentRunner:
     """What every student of a stage shares, built (and compiled) once, when first needed.
@@ -89,10 +105,7 @@ class StudentRunner:
 
     @functools.cached_property
     def student(self):
-        d = self.ctx.config.distill
-        extra = {"width_multiplier": d.width_multiplier} if d.student == "mobilenet_v2" else {}
-        return students.create_student(d.student, self.ctx.num_classes, dtype=DTYPES[d.dtype],
-                                       bn_axis_name="batch", **extra)
+        return student_model(self.ctx.config.distill, self.ctx.num_classes)
 
     @functools.cached_property
     def init_variables(self) -> tuple[Any, Any]:
@@ -101,8 +114,7 @@ class StudentRunner:
 
     @functools.cached_property
     def tx(self):
-        d = self.ctx.config.distill
-        return common.make_tx(d, d.steps, warmup_fraction=0.05)
+        return student_tx(self.ctx.config.distill)
 
     @functools.cached_property
     def evaluator(self):
@@ -114,9 +126,8 @@ class StudentRunner:
     def step_fn(self, teacher, method: str):
         key = (teacher, method)
         if key not in self.steps:
-            objective = distillation_objective(method, self.ctx.config.distill)
-            self.steps[key] = step_lib.pmap_train_step(step_lib.make_train_step(
-                distillation_loss(self.student, teacher, objective), self.tx))
+            self.steps[key] = step_lib.pmap_train_step(
+                distillation_step(self.ctx.config.distill, self.student, teacher, method, self.tx))
         return self.steps[key]
 
 

@@ -262,19 +262,38 @@ class DistillSetup:
                          student_layers=self.student.num_layers)
 
     def objective(self, spec: RunSpec) -> Objective:
-        teacher, student = self.teacher[0], self.student
-        if spec.target == "relation":
-            teacher = teacher.clone(qkv_only_block=spec.teacher_block - 1)
-            student = student.clone(qkv_only_block=student.num_layers - 1)
-            last_heads = student.last_block_heads or student.num_heads
-            if last_heads != teacher.num_heads:
-                raise errors.UserError(
-                    f"config.tinymim.last_block_heads is {last_heads} but the teacher has {teacher.num_heads} "
-                    "heads: the student's last-block relations must have the teacher's shape "
-                    "[batch, heads, tokens, tokens]; leave it None (= the teacher's).")
-        else:  # last-layer tokens: no head
-            teacher = teacher.clone(num_classes=None)
-        return Objective(spec, student, teacher, self.teacher[0].hidden_size, float(self.ctx.config.tinymim.color_jitter))
+        return build_objective(self.ctx.config.tinymim, self.teacher[0], self.student, spec)
+
+
+def build_objective(t, teacher: vit.VisionTransformer, student: vit.VisionTransformer, spec: RunSpec) -> Objective:
+    """The loss of run `spec` for `config.tinymim` (teacher and student truncated where relations end)."""
+    width = teacher.hidden_size
+    if spec.target == "relation":
+        teacher = teacher.clone(qkv_only_block=spec.teacher_block - 1)
+        student = student.clone(qkv_only_block=student.num_layers - 1)
+        last_heads = student.last_block_heads or student.num_heads
+        if last_heads != teacher.num_heads:
+            raise errors.UserError(
+                f"config.tinymim.last_block_heads is {last_heads} but the teacher has {teacher.num_heads} "
+                "heads: the student's last-block relations must have the teacher's shape "
+                "[batch, heads, tokens, tokens]; leave it None (= the teacher's).")
+    else:  # last-layer tokens: no head
+        teacher = teacher.clone(num_classes=None)
+    return Objective(spec, student, teacher, width, float(t.color_jitter))
+
+
+def distill_step(t, objective: Objective, student_init: Any, teacher_params: Any, *, image_size: int,
+                 rng: jax.Array, projection_rng: jax.Array) -> tuple[state_lib.TrainState, Any, Any]:
+    """A run's train step (not yet pmapped) with `config.tinymim`'s optimizer, its initial state, and the
+    student's leaves the objective never reads (frozen; merged back at export)."""
+    teacher_used, _ = split_used(teacher_params, objective.teacher, image_size)
+    student_trained, student_frozen = split_used(student_init, objective.student, image_size)
+    params = {"student": student_trained,
+              "projection": objective.init_projection(projection_rng, objective.student.hidden_size)}
+    tx = make_distill_tx(t)
+    state = state_lib.create_train_state(params, tx, rng=rng, frozen={"teacher": teacher_used,
+                                                                       "student": student_frozen})
+    return state, step_lib.make_train_step(objective.loss_fn(train=True), tx), student_frozen
 
 
 def _eval_loss_fn(objective: Objective):
@@ -300,15 +319,10 @@ def distill_run(setup: DistillSetup, spec: RunSpec) -> dict:
     def body(sub: runs.SubRun) -> dict:
         size = ctx.config.data.image_size
         objective = setup.objective(spec)
-        teacher_used, _ = split_used(setup.teacher[1], objective.teacher, size)
-        student_trained, student_frozen = split_used(setup.student_init, objective.student, size)
-        params = {"student": student_trained,
-                  "projection": objective.init_projection(ctx.rng("tinymim", spec.name, "projection"),
-                                                          setup.student.hidden_size)}
-        tx = make_distill_tx(t)
-        state = state_lib.create_train_state(params, tx, rng=ctx.rng("tinymim", spec.name),
-                                             frozen={"teacher": teacher_used, "student": student_frozen})
-        step_fn = step_lib.pmap_train_step(step_lib.make_train_step(objective.loss_fn(train=True), tx))
+        state, step, student_frozen = distill_step(
+            t, objective, setup.student_init, setup.teacher[1], image_size=size, rng=ctx.rng("tinymim", spec.name),
+            projection_rng=ctx.rng("tinymim", spec.name, "projection"))
+        step_fn = step_lib.pmap_train_step(step)
         eval_step = _eval_loss_fn(objective)
         batches = setup.eval_batches
         evaluate = (lambda s: _evaluate(eval_step, s, batches)) if batches else None

@@ -81,6 +81,20 @@ def setup_finetune(model: vit.VisionTransformer, params: Any, mode: str, rng: ja
     return TrainableViT(model, trainable, frozen, combine, variables)
 
 
+def classifier_step(section, setup: TrainableViT, *, steps: int, sam_rho: float, rng: jax.Array,
+                    sync_perturbations: bool = False, accum_steps: int = 1) -> tuple[state_lib.TrainState, Any]:
+    """The (SAM-)SGD classifier step of a config section and its initial state (the step not yet pmapped).
+
+    The optimizer is `common.make_tx(section, steps)` (SGD momentum or Adam, warmup + cosine,
+    decoupled weight decay, clipping, layer-wise decay where the section has it).
+    """
+    tx = common.make_tx(section, steps, num_layers=setup.model.num_layers)
+    state = state_lib.create_train_state(setup.trainable, tx, rng=rng, frozen=setup.frozen)
+    step = step_lib.make_train_step(classification_loss(setup.model, setup.apply_variables), tx, sam_rho=sam_rho,
+                                    sync_perturbations=sync_perturbations, accum_steps=accum_steps)
+    return state, step
+
+
 def train_classifier(sub: runs.SubRun, setup: TrainableViT, section, *, steps: int, sam_rho: float,
                      sync_perturbations: bool, accum_steps: int, keep_steps=(), on_keep=None,
                      seed_name: str) -> tuple[Any, list]:
@@ -97,15 +111,12 @@ def train_classifier(sub: runs.SubRun, setup: TrainableViT, section, *, steps: i
       seed_name: names the run's PRNG stream (same name: same data order and dropout keys).
     """
     ctx = sub.ctx
-    tx = common.make_tx(section, steps, num_layers=setup.model.num_layers)
-    state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(seed_name, "train"),
-                                         frozen=setup.frozen)
-    step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
-        classification_loss(setup.model, setup.apply_variables), tx, sam_rho=sam_rho,
-        sync_perturbations=sync_perturbations, accum_steps=accum_steps))
+    state, step = classifier_step(section, setup, steps=steps, sam_rho=sam_rho, rng=ctx.rng(seed_name, "train"),
+                                  sync_perturbations=sync_perturbations, accum_steps=accum_steps)
     logits_fn = lambda v, x: setup.model.apply(setup.apply_variables(v["params"], v["frozen"]), x)
     evaluator = common.make_evaluator(logits_fn, lambda s: {"params": s.params, "frozen": s.frozen},
                                       ctx, section.batch_size)
     make_iter = common.train_iterator_factory(ctx, section.batch_size, seed=ctx.config.seed)
-    return sub.train(state, step_fn, loop_config=common.loop_config(sub.name, section, steps, keep_steps),
+    return sub.train(state, step_lib.pmap_train_step(step),
+                     loop_config=common.loop_config(sub.name, section, steps, keep_steps),
                      make_train_iterator=make_iter, evaluate=evaluator, on_keep=on_keep)

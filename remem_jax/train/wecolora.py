@@ -151,6 +151,17 @@ def make_tx(w, total_steps: int, warmup_steps: int):
         adam_betas=tuple(w.adam_betas), weight_decay_mask=optim.matrix_mask)
 
 
+def variant_step(w, variant: str, setup: TrainableViT, teacher: vit.VisionTransformer, teacher_params: Any, *,
+                 steps: int, warmup_steps: int, rng: jax.Array) -> tuple[state_lib.TrainState, Any]:
+    """A variant's train step (not yet pmapped) with `config.wecolora`'s optimizer, and its initial state."""
+    tx = make_tx(w, steps, warmup_steps)
+    state = state_lib.create_train_state(setup.trainable, tx, rng=rng,
+                                         frozen={"teacher": teacher_params, "student": setup.frozen})
+    step = step_lib.make_train_step(feature_distillation_loss(teacher, setup, VARIANTS[variant].after_norm), tx,
+                                    accum_steps=w.accum_steps)
+    return state, step
+
+
 def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTransformer,
                     teacher_params: Any, num_examples: int) -> dict:
     """Trains (or resumes, or skips if complete) one variant's student and exports it merged."""
@@ -163,11 +174,9 @@ def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTra
                               rng=ctx.rng(STAGE, variant, "init"), dtype=DTYPES[w.dtype], remat=w.remat)
         steps_per_epoch, steps, warmup = optim.epoch_schedule_steps(num_examples, w.batch_size, w.epochs,
                                                                     w.warmup_epochs, section="wecolora")
-        tx = make_tx(w, steps, warmup)
-        state = state_lib.create_train_state(setup.trainable, tx, rng=ctx.rng(STAGE, variant, "train"),
-                                             frozen={"teacher": teacher_params, "student": setup.frozen})
-        step_fn = step_lib.pmap_train_step(step_lib.make_train_step(
-            feature_distillation_loss(teacher, setup, spec.after_norm), tx, accum_steps=w.accum_steps))
+        state, step = variant_step(w, variant, setup, teacher, teacher_params, steps=steps, warmup_steps=warmup,
+                                   rng=ctx.rng(STAGE, variant, "train"))
+        step_fn = step_lib.pmap_train_step(step)
         evaluator = make_l1_evaluator(teacher, setup, spec.after_norm, common.eval_data(ctx, w.batch_size))
         initial = evaluator(devices.replicate(state))
         logging.info("%s/%s: %d blocks, %d trainable params, %d steps (%d per epoch); test-image L1 at init %.5f",
