@@ -195,10 +195,10 @@ for setting in ("remem", "vanilla"):
 config.stages = ("distill_student",)
 results = main.run(config, WORKDIR)
 
-# %% The results table
+# %% The students' table (WORKDIR/distill/results.md; WORKDIR/results.md has every stage's)
 from IPython.display import Markdown, display
 
-display(Markdown(open(os.path.join(WORKDIR, "results.md")).read()))
+display(Markdown(open(os.path.join(WORKDIR, "distill", "results.md")).read()))
 
 # %% Teacher and student accuracies
 rows = results["distill_student"]["rows"]

@@ -165,7 +165,7 @@ plt.show()
 config.stages = ("finetune_student",)
 results = main.run(config, WORKDIR)
 
-# %% The results table (also in WORKDIR/results.md)
+# %% The stage's table (WORKDIR/tinymim_finetune/results.md; WORKDIR/results.md has every stage's)
 from IPython.display import Markdown, display
 
-display(Markdown(open(os.path.join(WORKDIR, "results.md")).read()))
+display(Markdown(open(os.path.join(WORKDIR, "tinymim_finetune", "results.md")).read()))

@@ -103,10 +103,10 @@ from remem_jax import main
 
 results = main.run(config, WORKDIR)
 
-# %% The results table
+# %% The probe table (WORKDIR/linear_probe/results.md; WORKDIR/results.md has every stage's)
 from IPython.display import Markdown, display
 
-display(Markdown(open(os.path.join(WORKDIR, "results.md")).read()))
+display(Markdown(open(os.path.join(WORKDIR, "linear_probe", "results.md")).read()))
 
 # %% Probe accuracy and distillation loss
 import matplotlib.pyplot as plt

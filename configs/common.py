@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     """The defaults: the ReMem paper's setting on a ViT-B/16 AugReg i21k teacher."""
     c = ml_collections.ConfigDict()
     c.dataset = "cifar100"            # a name of remem_jax/data/registry.py; configs/remem.py:<name> sets it
-    c.stages = ("finetune_teacher", "distill_student")  # run in order; remem_jax.main.stage_functions() (train/teacher.py, train/distill.py)
+    c.stages = ("finetune_teacher", "distill_student")  # run in order; the stage table: remem_jax/train/stages.py
     c.seed = 0                        # seeds init, data order and dropout
 
     # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---

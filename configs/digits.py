@@ -4,7 +4,8 @@ A small ViT teacher is first trained from scratch and saved as an AugReg npz (so
 the real checkpoint-loading path runs), then fine-tuned twice, vanilla and with
 ReMem (SAM with a large rho plus MLP down-weighting); every kept teacher
 checkpoint is distilled into a ResNet-18 student, next to a student trained from
-labels only, and the table is printed and written to $WORKDIR/results.md.
+labels only, and the table is printed and written to $WORKDIR/distill/results.md
+($WORKDIR/results.md has every stage's table).
 
 Run (about 10 minutes on 2 CPU cores):
   python -m remem_jax.main --config=configs/digits.py --workdir=/tmp/remem_digits

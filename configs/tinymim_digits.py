@@ -6,7 +6,7 @@ its first block; the teacher's 3 heads, d_h 64, in its last) is distilled from i
 token relations from the teacher's block 3 of 4 (floor(0.75 L_t), the default) and from its last
 block, CLS distillation and feature distillation (these two follow the paper's description, not
 released code). `finetune_student` then fine-tunes each student and an undistilled student of
-the same architecture and init with identical settings; the table goes to $WORKDIR/results.md.
+the same architecture and init with identical settings; the table goes to $WORKDIR/tinymim_finetune/results.md.
 
 Run:
   python -m remem_jax.main --config=configs/tinymim_digits.py --workdir=/tmp/tinymim_digits

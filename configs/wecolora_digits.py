@@ -4,12 +4,12 @@ A 6-block ViT teacher is first trained from scratch and saved as an AugReg npz (
 runs), then compressed by weight copy with d = 2 (blocks 0, 2, 4) into four students distilled on 10%
 of the train split without labels (`fewshot_distill`: wecolora, lora_qv, weco_kd, scratch_kd), and
 every model is linear-probed on the whole train split (`linear_probe`), teacher and untrained copy
-included. The table goes to $WORKDIR/results.md.
+included. The table goes to $WORKDIR/linear_probe/results.md.
 
 Run (measured 2026-12-02 on 2 otherwise idle CPU cores: 6 min 11 s wall, 8 min 41 s CPU user + sys):
   python -m remem_jax.main --config=configs/wecolora_digits.py --workdir=/tmp/wecolora_digits
 
-That run's results.md (probe top-1 on the 450 held-out digits, final epoch; the run is deterministic):
+That run's linear_probe/results.md (probe top-1 on the 450 held-out digits, final epoch; the run is deterministic):
 teacher 65.11, weight copy 55.33, wecolora 57.33 (L1 4.115 -> 3.111), lora_qv 56.22 (4.115 -> 3.679),
 weco_kd 60.44 (0.840 -> 0.359), scratch_kd 48.22 (1.174 -> 0.575).
 

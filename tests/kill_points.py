@@ -9,6 +9,7 @@ The points are events, not timed guesses; each is counted in run order within on
 
   python -m tests.kill_points count  MODULE:FACTORY WORKDIR EVENTS.json   # uninterrupted; lists events
   python -m tests.kill_points kill   MODULE:FACTORY WORKDIR EVENT:N       # dies by SIGKILL at that event
+  python -m tests.kill_points kill   MODULE:FACTORY WORKDIR EVENT@PATH[#K] # ... at the K-th one whose path has PATH
   python -m tests.kill_points run    MODULE:FACTORY WORKDIR               # a plain (re)run
   python -m tests.kill_points sweep  MODULE:FACTORY ROOT POINTS           # the whole experiment, a report
 
@@ -38,10 +39,19 @@ def _install(kill_at, log):
     from remem_jax.train import checkpointing, runs
     counts = dict.fromkeys(EVENTS, 0)
 
+    matches = [0]
+
     def event(name, path):
         counts[name] += 1
         log.append({"event": name, "n": counts[name], "path": path})
-        if kill_at == (name, counts[name]):
+        if kill_at is None or kill_at[0] != name:
+            return
+        if isinstance(kill_at[1], int):
+            hit = kill_at[1] == counts[name]
+        else:  # (substring of the path, k): the k-th such event
+            matches[0] += kill_at[1][0] in path
+            hit = kill_at[1][0] in path and matches[0] == kill_at[1][1]
+        if hit:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -71,6 +81,20 @@ def _install(kill_at, log):
                 event("atomic_rename", str(dst))
             return real_replace(src, dst)
     files.os = _Os()
+
+
+def parse_point(point: str):
+    """'EVENT:N' -> (event, N); 'EVENT@PATH#K' -> (event, (PATH, K)), K defaulting to 1."""
+    if "@" in point:
+        event, rest = point.split("@", 1)
+        path, _, k = rest.partition("#")
+        kill_at = (event, (path, int(k or 1)))
+    else:
+        event, n = point.split(":")
+        kill_at = (event, int(n))
+    if kill_at[0] not in EVENTS:
+        raise ValueError(f"unknown event {kill_at[0]!r}; use one of {EVENTS}")
+    return kill_at
 
 
 def _run(factory: str, workdir: str, kill_at=None, log=None) -> None:
@@ -185,8 +209,7 @@ def main(argv):
         with open(argv[4], "w") as f:
             json.dump(log, f, indent=1)
     elif command == "kill":
-        event, n = argv[4].split(":")
-        _run(factory, workdir, kill_at=(event, int(n)))
+        _run(factory, workdir, kill_at=parse_point(argv[4]))
         sys.exit(f"the run finished without reaching {argv[4]}")
     elif command == "run":
         _run(factory, workdir)
