@@ -113,3 +113,10 @@ def test_every_config_section_belongs_to_a_stage_and_every_stage_is_in_the_table
     owned = {s.section for s in stages.table().values() if s.section}
     assert sections - owned == {"data", "teacher"}  # read by several stages
     assert owned <= sections
+
+
+def test_the_readme_layout_is_the_one_the_stage_table_generates():
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    text = open(readme).read()
+    assert stages.readme_with_layout(text, stages.table()) == text, \
+        "README.md's workdir layout is stale: run `python -m remem_jax.train.stages README.md`"

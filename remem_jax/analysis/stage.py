@@ -391,5 +391,6 @@ STAGES = (
     stages.Stage("analyze", folder=handoff.ANALYSIS_DIR, section="analysis", run=analyze, validate=validate,
                  reads=("finetune.",),
                  needs=(stages.Need("finetune_teacher", "the kept teachers (config.analysis.checkpoints is '')",
-                                    lambda config: not parse_list(config.analysis.checkpoints)),)),
+                                    lambda config: not parse_list(config.analysis.checkpoints)),),
+                 outputs="`<tool>.json`, `analysis.json`, `analysis.md`, PNG plots, `checkpoints/<label>.json`"),
 )

@@ -280,5 +280,6 @@ def validate(config) -> None:
 
 STAGES = (
     stages.Stage(STAGE, folder=handoff.PROBE_DIR, section="linear_probe", run=linear_probe, validate=validate,
-                 reads=("teacher.dtype",), needs=(stages.Need(handoff.FEWSHOT_STAGE, "the distilled students"),)),
+                 reads=("teacher.dtype",), needs=(stages.Need(handoff.FEWSHOT_STAGE, "the distilled students"),),
+                 outputs="`<model>/summary.json` (per-epoch probe accuracy)"),
 )

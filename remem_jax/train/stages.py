@@ -59,6 +59,7 @@ class Stage:
       reads: other config fields or sections (`'teacher.dtype'`, `'finetune.'`) whose change alters
         its results; any field no stage claims is read by every stage (dataset, seed, data.*).
       needs: stages that must have run before it.
+      outputs: what it writes in its folder besides `results.{json,md}` (for the README's layout).
     """
     name: str
     folder: str
@@ -67,6 +68,7 @@ class Stage:
     validate: Optional[Callable[[Any], None]] = None
     reads: Sequence[str] = ()
     needs: Sequence[Need] = ()
+    outputs: str = ""
 
     def reads_field(self, field: str) -> bool:
         """Whether a change of `field` alters what this stage computes (section, or `reads`)."""
@@ -109,3 +111,33 @@ def check_needs(config, stages: Mapping[str, Stage], finished: Sequence[str]) ->
             raise errors.UserError(
                 f"config.stages: {name!r} needs {need.why} from the {need.stage!r} stage, which has not run in "
                 f"this workdir and {where} (config.stages is {order}).")
+
+
+def layout_markdown(stages: Mapping[str, Stage]) -> str:
+    """The workdir layout of every stage, as the README shows it (generated from the table)."""
+    lines = ["| stage (`config.stages`) | folder | config section | needs | writes there, besides results.json / .md |",
+             "|---|---|---|---|---|"]
+    for stage in stages.values():
+        needs = ", ".join(f"`{n.stage}`" for n in stage.needs) or "-"
+        section = f"`config.{stage.section}`" if stage.section else "-"
+        lines.append(f"| `{stage.name}` | `DIR/{stage.folder}/` | {section} | {needs} | {stage.outputs or '-'} |")
+    return "\n".join(lines)
+
+
+README_START, README_END = "<!-- stage-layout:start -->", "<!-- stage-layout:end -->"
+
+
+def readme_with_layout(readme: str, stages: Mapping[str, Stage]) -> str:
+    """`readme` with the text between the layout markers replaced by `layout_markdown(stages)`."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{layout_markdown(stages)}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m remem_jax.train.stages README.md: regenerates the README's layout table
+    import sys
+    path = sys.argv[1]
+    with open(path) as f:
+        text = readme_with_layout(f.read(), table())
+    with open(path, "w") as f:
+        f.write(text)

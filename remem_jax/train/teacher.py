@@ -184,9 +184,11 @@ def validate_finetune(config) -> None:
 
 STAGES = (
     stages.Stage("pretrain_teacher", folder=handoff.PRETRAIN_DIR, section="pretrain", run=pretrain_teacher,
-                 validate=validate_pretrain),
+                 validate=validate_pretrain, outputs="`teacher.npz` (AugReg layout; `teacher.checkpoint='pretrain'`)"),
     stages.Stage("finetune_teacher", folder=handoff.FINETUNE_DIR, section="finetune", run=finetune_teacher,
                  validate=validate_finetune, reads=("teacher.checkpoint",),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
-                                    handoff.uses_pretrained_teacher),)),
+                                    handoff.uses_pretrained_teacher),),
+                 outputs="`<setting>/teachers/step_<N>.npz` (every kept teacher, reweighting folded), "
+                         "`<setting>/kept.json`"),
 )

@@ -503,9 +503,11 @@ STAGES = (
     stages.Stage("relation_distill", folder=handoff.TINYMIM_DIR, section="tinymim", run=relation_distill,
                  validate=validate_tinymim, reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
-                                    handoff.uses_pretrained_teacher),)),
+                                    handoff.uses_pretrained_teacher),),
+                 outputs="`<target>/student.npz` (an AugReg npz), `scratch/student.npz`"),
     # It re-reads config.tinymim for the run list and the scratch student's architecture.
     stages.Stage("finetune_student", folder=handoff.TINYMIM_FINETUNE_DIR, section="student_finetune",
                  run=finetune_student, validate=validate_student_finetune, reads=("tinymim.",),
-                 needs=(stages.Need("relation_distill", "the distilled students"),)),
+                 needs=(stages.Need("relation_distill", "the distilled students"),),
+                 outputs="`<student>/summary.json` (fine-tuned accuracy)"),
 )

@@ -248,5 +248,6 @@ STAGES = (
     stages.Stage(STAGE, folder=handoff.FEWSHOT_DIR, section="wecolora", run=fewshot_distill, validate=validate,
                  reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
-                                    handoff.uses_pretrained_teacher),)),
+                                    handoff.uses_pretrained_teacher),),
+                 outputs="`<variant>/student.npz` (LoRA merged: a plain AugReg npz)"),
 )
