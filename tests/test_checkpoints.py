@@ -471,3 +471,31 @@ def test_head_is_reset_when_pre_logits_is_dropped_even_for_the_same_classes(tmp_
     assert model.num_classes == 6 and "pre_logits" not in dropped
     assert dropped["head"]["kernel"].shape == (192, 6) and not dropped["head"]["kernel"].any()
     assert not dropped["head"]["bias"].any()
+
+
+def test_a_model_built_from_the_config_is_loaded_with_the_file(ti_ckpt):
+    """big_vision's order: read the file, build the model from the run's options, load the file into it."""
+    from remem_jax.models import vit
+    path, flat = ti_ckpt
+    ckpt = checkpoints.read_vit(path)
+    assert (ckpt.image_size, ckpt.num_classes, ckpt.architecture["num_layers"]) == (64, 21843, 3)
+    model = checkpoints.build_vit(ckpt, num_classes=7, dropout_rate=0.1, remat_blocks=True, mlp_alpha=0.8,
+                                  drop_path_rate=(0.0, 0.05, 0.1))
+    assert (model.num_classes, model.dropout_rate, model.remat_blocks, model.mlp_alpha) == (7, 0.1, True, 0.8)
+    params = checkpoints.load_into(model, ckpt, image_size=32)
+    want_model, want = checkpoints.load_augreg(path, num_classes=7, image_size=32, dropout_rate=0.1,
+                                               remat_blocks=True, mlp_alpha=0.8, drop_path_rate=(0.0, 0.05, 0.1))
+    assert want_model == model
+    for key, value in tree.flatten_params(want).items():
+        np.testing.assert_array_equal(tree.flatten_params(params)[key], value, err_msg=key)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 192)  # 2x2 grid + class
+
+    # A model with adapters loads a file without them (surgery adds them); a headless one drops the head.
+    with_adapters = checkpoints.build_vit(ckpt, num_classes=7, adapter_dim=12)
+    loaded = tree.flatten_params(checkpoints.load_into(with_adapters, ckpt))
+    assert not any("Adapter_" in k for k in loaded) and "head/kernel" in loaded
+    headless = checkpoints.load_into(checkpoints.build_vit(ckpt, num_classes=None), ckpt)
+    assert "head" not in headless
+    # A model the file does not fit: every mismatch named, with the file.
+    with pytest.raises(CheckpointError, match=r"(?s)Ti_16-i21k.npz.*missing keys.*encoderblock_3"):
+        checkpoints.load_into(vit.VisionTransformer(**{**ckpt.architecture, "num_layers": 4, "num_classes": 7}), ckpt)
