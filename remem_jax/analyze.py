@@ -29,21 +29,10 @@ def analysis_config(config):
 def _flags():
     # remem_jax.main defines --config, --workdir and --allow_config_change when imported: the same flags here.
     from remem_jax import main as main_lib
-    return {"config": main_lib._CONFIG, "workdir": main_lib._WORKDIR,
-            "allow_config_change": main_lib._ALLOW_CONFIG_CHANGE}
-
-
-def main(argv, flag_values) -> None:
-    del argv
-    from remem_jax import errors
-    for name in ("config", "workdir"):
-        if flag_values[name].value is None:
-            raise errors.UserError(f"--{name} is required.")
-    from remem_jax import main as main_lib
-    main_lib.run(analysis_config(flag_values["config"].value), flag_values["workdir"].value,
-                 allow_config_change=flag_values["allow_config_change"].value)
+    return main_lib._flags()
 
 
 if __name__ == "__main__":
     from remem_jax import cli
-    cli.run(main, _flags, progress=True)
+    from remem_jax import main as main_lib
+    cli.run(main_lib.make_main(analysis_config), _flags, progress=True)

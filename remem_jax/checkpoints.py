@@ -190,7 +190,8 @@ def fetch(path: str, cache_dir: str) -> str:
 
 
 def _check_is_npz(path: str, head: bytes, nbytes: int) -> None:
-    """Names the two files most often mistaken for a checkpoint: a Git LFS pointer and an HTML page."""
+    """Names the two files most often mistaken for a checkpoint (a Git LFS pointer, an HTML page) and any
+    other file that is not a zip archive (an npz is one) or a single .npy array."""
     if head.startswith(b"version https://git-lfs.github.com/spec/v1"):
         raise CheckpointError(
             f"Checkpoint {path!r} is a Git LFS pointer ({nbytes} bytes), not the checkpoint: fetch the real "
@@ -200,6 +201,10 @@ def _check_is_npz(path: str, head: bytes, nbytes: int) -> None:
         raise CheckpointError(
             f"Checkpoint {path!r} is an HTML page ({nbytes} bytes), not an npz: download the file itself "
             "(e.g. `gsutil cp gs://vit_models/augreg/<name>.npz .`), not the web page that lists it.")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise CheckpointError(
+            f"{path!r} ({nbytes} bytes) is not an npz file: it does not start with the zip header every npz "
+            f"archive has (its first bytes are {head[:8]!r}).")
 
 
 def _check_finite(path: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -321,6 +326,10 @@ def infer_vit_config(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     grid = int(round(np.sqrt(pos[1] - 1)))
     if grid * grid != pos[1] - 1:
         raise CheckpointError(f"pos_embedding has {pos[1]} rows, not a square grid plus a class token.")
+    if len(query) != 3 or query[0] != hidden or query[1] * query[2] != hidden:
+        raise CheckpointError(f"{first}/MultiHeadDotProductAttention_1/query/kernel has shape {query}; expected "
+                              f"(hidden, heads, hidden / heads) with hidden = {hidden} (embedding/kernel): the hidden "
+                              "size must split evenly over the heads.")
     adapter = flat.get(f"{first}/Adapter_mlp/down/kernel")
     last_query = need(f"Transformer/encoderblock_{max(blocks)}/MultiHeadDotProductAttention_1/query/kernel")
     # A TinyMIM student's last block may have another head count; otherwise the field is absent.
@@ -425,9 +434,10 @@ def load_into(model: vit.VisionTransformer, ckpt: VitFile, *, image_size: Option
         width = model.representation_size or model.hidden_size
         flat["head/kernel"] = np.zeros((width, model.num_classes), np.float32)
         flat["head/bias"] = np.zeros((model.num_classes,), np.float32)
+    if image_size % model.patch_size or image_size < model.patch_size:
+        raise CheckpointError(f"image_size {image_size} (config.data.image_size) is not a multiple of the patch size "
+                              f"{model.patch_size} of {ckpt.path!r}.")
     if image_size != ckpt.image_size:
-        if image_size % model.patch_size:
-            raise CheckpointError(f"image_size {image_size} is not divisible by the patch size {model.patch_size}.")
         key = "Transformer/posembed_input/pos_embedding"
         flat[key] = resize_posemb(flat[key], (image_size // model.patch_size) ** 2 + 1)
 

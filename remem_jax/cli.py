@@ -8,6 +8,7 @@ called then), so importing the tool's module from the library defines no absl fl
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -22,6 +23,26 @@ def user_error_types() -> tuple[type, ...]:
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
+
+
+def _config_files(argv) -> list[str]:
+    """The file paths of `--config=PATH[:ARG]` / `--config PATH[:ARG]` arguments."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+    return [p.split(":", 1)[0] for p in paths]
+
+
+def _override_named(argv, key: str) -> str:
+    """The `config.a.b` of the `--config.a.b=...` argument whose last part is `key` (else `key`)."""
+    for arg in argv:
+        name = arg.split("=", 1)[0][2:]
+        if arg.startswith("--config.") and name.split(".")[-1] == key:
+            return name
+    return key
 
 
 def fail(message: str) -> None:
@@ -58,19 +79,28 @@ def run(main: Callable, define_flags: Callable[[], dict], *, progress: bool = Fa
     holders = define_flags()
 
     def parse(argv):
-        for arg in argv:  # config files import `configs.common`: the folder holding configs/ goes on sys.path
-            if arg.startswith("--config="):
-                path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
-                sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
+        for path in _config_files(argv):
+            if not os.path.isfile(path):
+                fail(f"--config: the config file {path!r} does not exist"
+                     + (" (paths are relative to the current folder)" if not os.path.isabs(path) else "") + ".")
+            # Config files import `configs.common`: the folder holding configs/ goes on sys.path.
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
         try:
             return flags.FLAGS(argv)
         except Exception as e:  # absl and config_flags raise several types for a bad flag or file
+            if isinstance(e, user_error_types()):  # raised by the config file, e.g. configs/remem.py:<unknown>
+                fail(_message(e))
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            unknown = re.fullmatch(r"Unknown command line flag '(config\.[\w.]+)'", detail)
+            if unknown or isinstance(e, (AttributeError, KeyError)):
+                field = unknown.group(1) if unknown else _override_named(argv, _message(e).strip("'\""))
+                detail = f"unknown config field {field} (every field is listed in configs/common.py)"
             fail(detail)
 
     def wrapped(argv):
         if len(argv) > 1:
-            fail(f"unexpected arguments: {' '.join(argv[1:])}")
+            fail(f"unexpected argument{'s' if len(argv) > 2 else ''} {' '.join(argv[1:])!r}: every option is a "
+                 "--flag (e.g. --config=FILE --workdir=DIR)")
         if progress:
             logging.get_absl_handler().addFilter(QuietLibraries())
         else:

@@ -63,6 +63,22 @@ def cadence(c, section):
               value)
 
 
+def image_size_fits_patches(c, patch_size: int, model: str) -> None:
+    """data.image_size must be a positive multiple of `patch_size` (the patches tile the image)."""
+    size = c.data.image_size
+    check(is_int(size) and size >= patch_size and size % patch_size == 0, "data.image_size",
+          f"a multiple of the patch size {patch_size} of config.{model}", size)
+
+
+def global_batches(c, stages: Mapping[str, Any], num_devices: int) -> None:
+    """Every global batch of the listed stages splits evenly over the `num_devices` devices of the run."""
+    for name in c.stages:
+        for field in stages[name].global_batches:
+            value = get(c, field)
+            check(value % num_devices == 0, field, f"a multiple of the {num_devices} devices of this run (each "
+                  "gets an equal share of the global batch)", value)
+
+
 # Registry kinds whose data is wherever the user says: the fields that must say it.
 _REQUIRED_DATA_PATHS = {
     "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg"},

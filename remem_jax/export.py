@@ -187,6 +187,9 @@ def load_student(path: str, info: Optional[ModelInfo] = None) -> tuple[ModelInfo
     import jax
 
     from remem_jax import checkpoints, tree
+    if not files.exists(path):
+        raise ExportError(f"{path!r} does not exist; pass a student npz or the folder holding student.npz and "
+                          "model.json (e.g. WORKDIR/best_student).")
     npz = os.path.join(path, STUDENT_NPZ) if files.is_dir(path) else path
     if info is None:
         info = read_model_info(os.path.dirname(npz))
@@ -658,6 +661,9 @@ def main(argv, flag_values) -> None:
     student = flag_values["student"].value
     if student is None:
         raise ExportError("--student is required (a student npz or the directory holding student.npz).")
+    if not files.exists(student):
+        raise ExportError(f"--student {student!r} does not exist; pass a student npz or the folder holding "
+                          "student.npz and model.json (e.g. WORKDIR/best_student).")
     formats = check_formats(flag_values["formats"].value, "--formats")
     student_dir = _student_dir(student)
     config = flag_values["config"].value

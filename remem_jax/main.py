@@ -16,9 +16,8 @@ see `remem_jax.workdir`), and the dataset on disk.
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -51,6 +50,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=
 
     table = stages_lib.table() if stage_table is None else stage_table
     config_validation.validate(config, table)
+    config_validation.global_batches(config, table, jax.device_count())
     workdir_lib.prepare(workdir, create=common.is_chief())
     record = workdir_lib.check_resume(workdir, config.to_dict(), table, allow_change=allow_config_change,
                                       log=logging.warning)
@@ -96,56 +96,26 @@ def finished_stages(workdir: str, table, previous_results: dict) -> list[str]:
             if name in previous_results or files.exists(runs.stage_results_paths(workdir, stage.folder)[0])]
 
 
-def _user_error_types():
-    from remem_jax import errors
-    from remem_jax.data import registry, sources
-    return (errors.UserError, registry.UnknownDatasetError, sources.DataNotFoundError)
+def _flags() -> dict:
+    return {"config": _CONFIG, "workdir": _WORKDIR, "allow_config_change": _ALLOW_CONFIG_CHANGE}
 
 
-def _exit_with_user_error(e: Exception):
-    message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    print(f"remem_jax: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def make_main(prepare_config=lambda config: config):
+    """The command: `run(prepare_config(--config), --workdir)`, for `cli.run` (`remem_jax.analyze` shares it)."""
+    def main_(argv, flag_values) -> None:
+        del argv
+        from remem_jax import errors
+        for name in ("config", "workdir"):
+            if flag_values[name].value is None:
+                raise errors.UserError(f"--{name} is required.")
+        run(prepare_config(flag_values["config"].value), flag_values["workdir"].value,
+            allow_config_change=flag_values["allow_config_change"].value)
+    return main_
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from remem_jax import cli
-    logging.get_absl_handler().addFilter(cli.QuietLibraries())
-    try:
-        run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except _user_error_types() as e:
-        _exit_with_user_error(e)
-
-
-def _make_config_siblings_importable(argv):
-    """Config files import `configs.common`: put the folder holding `configs/` on sys.path."""
-    for arg in argv:
-        if arg.startswith("--config="):
-            path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
-            sys.path.insert(0, os.path.dirname(os.path.dirname(path)))
-
-
-def _check_flags_or_exit(argv):
-    """Flag errors (unknown config field, bad override, bad config argument) -> one line, exit 2, no traceback."""
-    _make_config_siblings_importable(argv)
-    try:
-        rest = flags.FLAGS(argv)
-    except _user_error_types() as e:  # raised by the config file, e.g. configs/remem.py:<unknown dataset>
-        _exit_with_user_error(e)
-    except Exception as e:  # config_flags raises several types for a bad file or override
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, (AttributeError, KeyError)):
-            detail = f"unknown config field {detail} (every field is listed in configs/common.py)"
-        print(f"remem_jax: error: {detail}", file=sys.stderr)
-        sys.exit(2)
-    for name in ("config", "workdir"):
-        if flags.FLAGS[name].value is None:
-            print(f"remem_jax: error: --{name} is required.", file=sys.stderr)
-            sys.exit(2)
-    return rest
+main = make_main()
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_check_flags_or_exit)
+    from remem_jax import cli
+    cli.run(main, _flags, progress=True)

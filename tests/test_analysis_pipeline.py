@@ -65,7 +65,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--config.analysis.tools=mi,nope"], "config.analysis.tools must be a comma list of mi, expertness, criticality, "
      "pruning, rollout, got 'mi,nope'"),
     # A non-pipeline config runs `analyze` alone: without kept teachers or checkpoints it says what to pass.
-    (["--config.stages=('distill_student',)"], "config.analysis.checkpoints is empty and no kept teachers"),
+    (["--config.stages=('distill_student',)"], "'analyze' needs the kept teachers (or npz files in "
+     "config.analysis.checkpoints) from the 'finetune_teacher' stage, which has not run in this workdir: add"),
     (["--config.stages=('distill_student',)", "--config.analysis.checkpoints=/no/such.npz"],
      "Checkpoint file '/no/such.npz' does not exist"),
 ])

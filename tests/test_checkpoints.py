@@ -254,8 +254,13 @@ def test_truncated_file(ti_ckpt, tmp_path):
 def test_not_an_npz(tmp_path):
     bad = tmp_path / "notes.npz"
     bad.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable npz"):
+    with pytest.raises(CheckpointError, match=r"notes.npz' \(5 bytes\) is not an npz file: it does not start with "
+                       r"the zip header every npz archive has \(its first bytes are b'hello'\)"):
         checkpoints.load_augreg(str(bad))
+    random = tmp_path / "random.npz"
+    random.write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(CheckpointError, match=r"random.npz' \(300 bytes\) is not an npz file"):
+        checkpoints.load_augreg(str(random))
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
     with pytest.raises(CheckpointError, match="single array"):

@@ -30,7 +30,8 @@ def run_cli(tmp_path, *overrides, config="configs/digits.py"):
     (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=/no/such/teacher.npz"],
      "Checkpoint file '/no/such/teacher.npz' does not exist"),
     (["--config.stages=('finetune_teacher',)", "--config.teacher.checkpoint=B_17"], "Unknown checkpoint name 'B_17'"),
-    (["--config.stages=('distill_student',)"], "No fine-tuned teachers"),
+    (["--config.stages=('distill_student',)"], "config.stages: 'distill_student' needs the kept teachers from the "
+     "'finetune_teacher' stage, which has not run in this workdir: add 'finetune_teacher' before 'distill_student'"),
 ])
 def test_user_errors_end_with_one_line(tmp_path, overrides, message):
     result = run_cli(tmp_path, *overrides)

@@ -72,9 +72,9 @@ def test_a_stage_defined_in_a_test_is_dispatched_validated_and_resume_checked(tm
 
 
 def test_a_needed_stage_that_never_ran_is_one_error_before_anything_runs(tmp_path):
-    with pytest.raises(errors.UserError, match=r"'after_toy' needs its score from the 'toy' stage.*add it before"):
+    with pytest.raises(errors.UserError, match=r"'after_toy' needs its score from the 'toy' stage.*: add 'toy' before 'after_toy'"):
         main.run(toy_config(("after_toy",)), str(tmp_path / "run"), stage_table=toy_table())
-    with pytest.raises(errors.UserError, match=r"'after_toy' needs its score from the 'toy' stage.*move it before"):
+    with pytest.raises(errors.UserError, match=r"'after_toy' needs its score from the 'toy' stage.*: move 'toy' before 'after_toy'"):
         main.run(toy_config(("after_toy", "toy")), str(tmp_path / "run"), stage_table=toy_table())
     assert not os.path.exists(tmp_path / "run" / "toy_stage")
 

@@ -390,7 +390,7 @@ STAGES = (
     # It reads config.finetune: the kept teachers' settings, and the pruning fine-tune's optimizer.
     stages.Stage("analyze", folder=handoff.ANALYSIS_DIR, section="analysis", run=analyze, validate=validate,
                  reads=("finetune.",),
-                 needs=(stages.Need("finetune_teacher", "the kept teachers (config.analysis.checkpoints is '')",
+                 needs=(stages.Need("finetune_teacher", "the kept teachers (or npz files in config.analysis.checkpoints)",
                                     lambda config: not parse_list(config.analysis.checkpoints)),),
                  outputs="`<tool>.json`, `analysis.json`, `analysis.md`, PNG plots, `checkpoints/<label>.json`"),
 )

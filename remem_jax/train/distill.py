@@ -241,7 +241,7 @@ def validate(config) -> None:
 
 STAGES = (
     stages.Stage("distill_student", folder=handoff.DISTILL_DIR, section="distill", run=distill_student,
-                 validate=validate, reads=("teacher.dtype",),
+                 validate=validate, global_batches=("distill.batch_size",), reads=("teacher.dtype",),
                  needs=(stages.Need("finetune_teacher", "the kept teachers"),),
                  outputs="`<setting>_step<N>/student.npz`, `scratch/student.npz`; the best student in "
                          "`DIR/best_student/` (npz, orbax, verified serving exports, model.json)"),

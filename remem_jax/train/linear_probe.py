@@ -280,6 +280,7 @@ def validate(config) -> None:
 
 STAGES = (
     stages.Stage(STAGE, folder=handoff.PROBE_DIR, section="linear_probe", run=linear_probe, validate=validate,
+                 global_batches=("linear_probe.batch_size",),
                  reads=("teacher.dtype",), needs=(stages.Need(handoff.FEWSHOT_STAGE, "the distilled students"),),
                  outputs="`<model>/summary.json` (per-epoch probe accuracy)"),
 )

@@ -60,6 +60,7 @@ class Stage:
         its results; any field no stage claims is read by every stage (dataset, seed, data.*).
       needs: stages that must have run before it.
       outputs: what it writes in its folder besides `results.{json,md}` (for the README's layout).
+      global_batches: its config fields that are global batch sizes, split evenly over every device.
     """
     name: str
     folder: str
@@ -69,6 +70,7 @@ class Stage:
     reads: Sequence[str] = ()
     needs: Sequence[Need] = ()
     outputs: str = ""
+    global_batches: Sequence[str] = ()
 
     def reads_field(self, field: str) -> bool:
         """Whether a change of `field` alters what this stage computes (section, or `reads`)."""
@@ -106,11 +108,10 @@ def check_needs(config, stages: Mapping[str, Stage], finished: Sequence[str]) ->
         for need in stages[name].needs:
             if not need.applies(config) or need.stage in order[:position] or need.stage in finished:
                 continue
-            where = (f"it comes after {name!r} there; move it before"
-                     if need.stage in order else f"add it before {name!r}")
+            fix = "move" if need.stage in order else "add"
             raise errors.UserError(
                 f"config.stages: {name!r} needs {need.why} from the {need.stage!r} stage, which has not run in "
-                f"this workdir and {where} (config.stages is {order}).")
+                f"this workdir: {fix} {need.stage!r} before {name!r} (config.stages is {order}).")
 
 
 def layout_markdown(stages: Mapping[str, Stage]) -> str:

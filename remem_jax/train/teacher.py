@@ -56,6 +56,7 @@ def validate_pretrain(config) -> None:
         vit.variant_config(p.variant)
     except ValueError as e:
         raise errors.UserError(f"config.pretrain.variant: {e}") from None
+    cv.image_size_fits_patches(config, vit.variant_config(p.variant)["patch_size"], f"pretrain.variant={p.variant!r}")
     cv.optional_positive_int(config, "pretrain.num_layers", "the variant's depth")
     cv.check(p.lr > 0, "pretrain.lr", "> 0", p.lr)
     cv.warmup(config, "pretrain", "min(500, 10% of steps)")
@@ -171,6 +172,7 @@ def validate_finetune(config) -> None:
     cv.one_of("finetune.mode", f.mode, surgery.TRAINABLE_MODES)
     cv.check(len(f.settings) > 0 and all(s in SETTINGS for s in f.settings),
              "finetune.settings", f"a non-empty list of {', '.join(SETTINGS)}", f.settings)
+    cv.check(len(set(f.settings)) == len(f.settings), "finetune.settings", "a list without repeats", f.settings)
     _keep_steps(f)
     cv.check(f.lora_rank > 0, "finetune.lora_rank", "a positive integer", f.lora_rank)
     cv.one_of("finetune.lora_targets", f.lora_targets, surgery.LORA_PRESETS)
@@ -184,9 +186,9 @@ def validate_finetune(config) -> None:
 
 STAGES = (
     stages.Stage("pretrain_teacher", folder=handoff.PRETRAIN_DIR, section="pretrain", run=pretrain_teacher,
-                 validate=validate_pretrain, outputs="`teacher.npz` (AugReg layout; `teacher.checkpoint='pretrain'`)"),
+                 validate=validate_pretrain, global_batches=("pretrain.batch_size",), outputs="`teacher.npz` (AugReg layout; `teacher.checkpoint='pretrain'`)"),
     stages.Stage("finetune_teacher", folder=handoff.FINETUNE_DIR, section="finetune", run=finetune_teacher,
-                 validate=validate_finetune, reads=("teacher.checkpoint",),
+                 validate=validate_finetune, global_batches=("finetune.batch_size",), reads=("teacher.checkpoint",),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
                  outputs="`<setting>/teachers/step_<N>.npz` (every kept teacher, reweighting folded), "

@@ -236,6 +236,11 @@ class DistillSetup:
             raise errors.UserError(
                 f"config.tinymim.student {t.student!r} has patch size {model.patch_size} but the teacher "
                 f"({self.ctx.config.teacher.checkpoint}) has {teacher.patch_size}: relations need the same tokens.")
+        if model.num_layers > teacher.num_layers:
+            raise errors.UserError(
+                f"config.tinymim.num_layers: the student ({model.num_layers} blocks) is deeper than the teacher "
+                f"({self.ctx.config.teacher.checkpoint}, {teacher.num_layers} blocks); TinyMIM distils a smaller "
+                "student: set config.tinymim.num_layers (or a smaller config.tinymim.student).")
         return model
 
     @functools.cached_property
@@ -458,6 +463,7 @@ def validate_tinymim(config) -> None:
         raise errors.UserError(f"config.tinymim.student: {e}") from None
     for name in ("num_layers", "num_heads", "last_block_heads"):
         cv.optional_positive_int(config, f"tinymim.{name}", "the default")
+    cv.image_size_fits_patches(config, vit.variant_config(t.student)["patch_size"], f"tinymim.student={t.student!r}")
     cv.one_of("tinymim.posemb", t.posemb, vit.POSEMB_KINDS)
     cv.check(0.0 <= t.drop_path < 1.0, "tinymim.drop_path", "in [0, 1)", t.drop_path)
     cv.one_of("tinymim.target", t.target, TARGETS)
@@ -501,13 +507,14 @@ def validate_student_finetune(config) -> None:
 
 STAGES = (
     stages.Stage("relation_distill", folder=handoff.TINYMIM_DIR, section="tinymim", run=relation_distill,
-                 validate=validate_tinymim, reads=("teacher.checkpoint", "teacher.dtype"),
+                 validate=validate_tinymim, global_batches=("tinymim.batch_size",), reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
                  outputs="`<target>/student.npz` (an AugReg npz), `scratch/student.npz`"),
     # It re-reads config.tinymim for the run list and the scratch student's architecture.
     stages.Stage("finetune_student", folder=handoff.TINYMIM_FINETUNE_DIR, section="student_finetune",
                  run=finetune_student, validate=validate_student_finetune, reads=("tinymim.",),
+                 global_batches=("student_finetune.batch_size",),
                  needs=(stages.Need("relation_distill", "the distilled students"),),
                  outputs="`<student>/summary.json` (fine-tuned accuracy)"),
 )

@@ -246,6 +246,7 @@ def validate(config) -> None:
 
 STAGES = (
     stages.Stage(STAGE, folder=handoff.FEWSHOT_DIR, section="wecolora", run=fewshot_distill, validate=validate,
+                 global_batches=("wecolora.batch_size",),
                  reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
