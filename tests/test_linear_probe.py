@@ -7,7 +7,7 @@ import pytest
 
 from remem_jax import optim
 from remem_jax.models.probe_head import ProbeHead
-from remem_jax.train import linear_probe
+from remem_jax.train import common, linear_probe, runs
 
 
 def _numpy_lars(params, grads_seq, lrs, *, momentum, weight_decay, trust):
@@ -101,8 +101,9 @@ def test_linear_probe_on_separable_features_reaches_100_percent(tmp_path):
     # lr ~ 1 (the reference's blr 0.1 at batch 512, lr 0.2, is meant for ~10^5 steps). The 1-D bias takes
     # plain SGD steps, so a much larger lr makes it oscillate.
     p = _probe_config(epochs=30, warmup_epochs=3, batch_size=32, blr=8.0, log_every=10_000)
-    result = linear_probe.train_probe(p, draw(512), draw(200), num_classes=4, rng=jax.random.PRNGKey(0), seed=0,
-                                      run_dir=str(tmp_path), name="probe")
+    sub = runs.SubRun(common.RunContext(config=ml_collections.ConfigDict(), workdir=str(tmp_path)), "probe",
+                      str(tmp_path))
+    result = linear_probe.train_probe(sub, p, draw(512), draw(200), num_classes=4, rng=jax.random.PRNGKey(0), seed=0)
     assert result["final"]["top1"] >= 0.99, result["final"]
     assert result["max_over_epochs"]["top1"] >= result["final"]["top1"]
     assert len(result["history"]) == 30 and result["final"]["num_examples"] == 200

@@ -1,4 +1,5 @@
 """The training loop and teacher stages on the offline digits data: resume, NaN guard, export."""
+import json
 import os
 
 import jax
@@ -134,7 +135,8 @@ def test_nan_loss_stops_the_run_without_saving(teacher_npz, tmp_path, monkeypatc
                 yield batch
         return make
     monkeypatch.setattr(common, "train_iterator_factory", poisoned)
-    with pytest.raises(errors.NonFiniteLossError, match=r"became nan at step 5.*last checkpoint: step 3"):
+    with pytest.raises(errors.NonFiniteLossError,
+                       match=r"finetune/remem: the loss became non-finite at step 5 \(loss nan\).*last checkpoint: step 3"):
         teacher.finetune_teacher(context(tiny_config(), tmp_path, teacher_npz))
     assert sorted(os.listdir(tmp_path / "finetune" / "remem" / "checkpoints")) == ["3"]
 
@@ -241,3 +243,34 @@ def test_temporary_files_of_interrupted_writes_are_removed_when_a_run_starts(tmp
         path.write_text("x")
     assert sorted(files.remove_stale_temporaries(str(tmp_path))) == sorted(map(str, stale))
     assert [p.exists() for p in stale + kept] == [False, False, True, True]
+
+
+def test_parameters_that_overflow_stop_the_run_though_the_loss_is_finite(teacher_npz, tmp_path):
+    # lr = 1e39 is inf in float32: the first update makes the parameters non-finite, the step-1 loss is finite.
+    with pytest.raises(errors.NonFiniteLossError,
+                       match=r"finetune/remem: a parameter became non-finite at step 1 \(loss [0-9.]+\).*"
+                             r"last checkpoint: none"):
+        teacher.finetune_teacher(context(tiny_config(lr=1e39, grad_clip_norm=0.0), tmp_path, teacher_npz))
+    assert not os.path.exists(tmp_path / "finetune" / "remem" / "checkpoints" / "3")
+    assert not os.path.exists(tmp_path / "finetune" / "remem" / "summary.json")
+
+
+def test_a_non_finite_evaluation_stops_the_run_before_its_checkpoint(teacher_npz, tmp_path, monkeypatch):
+    real = common.make_evaluator
+    calls = []
+
+    def diverging(*args, **kwargs):
+        evaluate = real(*args, **kwargs)
+
+        def run(state):
+            calls.append(1)
+            return dict(evaluate(state), loss=float("nan")) if len(calls) == 2 else evaluate(state)
+        return run
+    monkeypatch.setattr(common, "make_evaluator", diverging)
+    with pytest.raises(errors.NonFiniteLossError,
+                       match=r"finetune/remem: the evaluation at step 6 gave loss = nan: the model diverged; stopped "
+                             r"without saving that state \(last checkpoint: step 3\)"):
+        teacher.finetune_teacher(context(tiny_config(), tmp_path, teacher_npz))
+    assert sorted(os.listdir(tmp_path / "finetune" / "remem" / "checkpoints")) == ["3"]
+    assert not os.path.exists(tmp_path / "finetune" / "remem" / "summary.json")
+    assert [h["step"] for h in json.load(open(tmp_path / "finetune" / "remem" / "eval_history.json"))] == [3]

@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from remem_jax import devices, errors, files
-from remem_jax.train import checkpointing
+from remem_jax.train import checkpointing, step as step_lib
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
 
@@ -49,12 +49,25 @@ def _format_eta(seconds: float) -> str:
 
 
 def _check_finite(metrics: dict, step: int, name: str, last_saved: Optional[int]) -> None:
-    if not bool(np.asarray(metrics["is_finite"])[0]):
-        loss = float(np.asarray(metrics["loss"])[0])
+    if bool(np.asarray(metrics["is_finite"])[0]):
+        return
+    quantity = next((what for key, what in step_lib.FINITE_CHECKS.items()
+                     if key in metrics and not bool(np.asarray(metrics[key])[0])), "the loss")
+    loss = float(np.asarray(metrics["loss"])[0])
+    raise errors.NonFiniteLossError(
+        f"{name}: {quantity} became non-finite at step {step} (loss {loss}); stopped without saving that state "
+        f"(last checkpoint: {'none' if last_saved is None else f'step {last_saved}'}). "
+        "Lower the learning rate or sam_rho, or check the data.")
+
+
+def _check_eval(record: dict, name: str, last_saved: Optional[int]) -> None:
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not np.isfinite(v)}
+    if bad:
         raise errors.NonFiniteLossError(
-            f"{name}: the loss became {loss} at step {step}; stopped without saving that state "
-            f"(last checkpoint: {'none' if last_saved is None else f'step {last_saved}'}). "
-            "Lower the learning rate or sam_rho, or check the data.")
+            f"{name}: the evaluation at step {record['step']} gave "
+            f"{', '.join(f'{k} = {v}' for k, v in bad.items())}: the model diverged; stopped without saving that "
+            f"state (last checkpoint: {'none' if last_saved is None else f'step {last_saved}'}). "
+            "Lower the learning rate, or check the data.")
 
 
 def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
@@ -119,7 +132,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
         window = []
         if is_log:
             scalars = {k: float(np.mean([np.asarray(m[k])[0] for m in host]))
-                       for k in host[-1] if k != "is_finite"}
+                       for k in host[-1] if k != "is_finite" and k not in step_lib.FINITE_CHECKS}
             scalars.update(progress.update(step))
             logging.info("%s step %d/%d: loss %.4f, %.1f img/s, %.3f s/step, ETA %s", config.name, step,
                          config.num_steps, scalars["loss"], scalars["images_per_s"], scalars["step_time_s"],
@@ -128,7 +141,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
                 writer.write_scalars(step, {f"{config.name}/train/{k}": v for k, v in scalars.items()})
         record: dict = {}
         if is_eval and evaluate is not None:
-            record = _evaluate(evaluate, replicated, step, config.name, writer, history, history_path)
+            record = _evaluate(evaluate, replicated, step, config.name, writer, history, history_path, last_saved)
         if is_save:
             host_state = devices.unreplicate(replicated)
             if step in keep and on_keep is not None:
@@ -137,7 +150,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
             last_saved = step
     if evaluate is not None and (not history or history[-1]["step"] != config.num_steps):
         # Resumed from the final checkpoint of a run killed before its final evaluation was recorded.
-        _evaluate(evaluate, replicated, config.num_steps, config.name, writer, history, history_path)
+        _evaluate(evaluate, replicated, config.num_steps, config.name, writer, history, history_path, last_saved)
     if writer is not None:
         writer.flush()
     if host_state is None:  # resumed at the last step: nothing ran
@@ -152,8 +165,10 @@ def _read_history(path: Optional[str], start: int) -> list[dict]:
     return [r for r in files.read_json(path, default=[]) if r["step"] <= start]
 
 
-def _evaluate(evaluate, replicated, step: int, name: str, writer, history: list, history_path) -> dict:
+def _evaluate(evaluate, replicated, step: int, name: str, writer, history: list, history_path,
+              last_saved: Optional[int]) -> dict:
     record = {"step": step, **evaluate(replicated)}
+    _check_eval(record, name, last_saved)
     history.append(record)
     logging.info("%s step %d eval: %s", name, step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
     if writer is not None:

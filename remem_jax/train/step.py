@@ -23,6 +23,11 @@ LossFn = Callable[[Any, Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict]]
 
 
+# The step's finiteness flags, and what the loop calls each quantity when it stops a run.
+FINITE_CHECKS = {"finite_loss": "the loss", "finite_gradients": "a gradient", "finite_parameters": "a parameter",
+                 "finite_batch_stats": "a BatchNorm statistic"}
+
+
 def _all_finite(tree: Any) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
@@ -33,7 +38,7 @@ def _check_aux(aux: Any) -> None:
         got = sorted(aux) if isinstance(aux, dict) else type(aux).__name__
         raise ValueError(f"loss_fn must return (loss, aux) with aux = {{'batch_stats': ..., 'metrics': {{...}}}}; "
                          f"got aux keys {got}.")
-    reserved = {"loss", "grad_norm", "param_norm", "learning_rate", "is_finite"} & set(aux["metrics"])
+    reserved = {"loss", "grad_norm", "param_norm", "learning_rate", "is_finite", *FINITE_CHECKS} & set(aux["metrics"])
     if reserved:
         raise ValueError(f"loss_fn metrics must not use the step's own names {sorted(reserved)}.")
 
@@ -55,9 +60,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, sam_rh
 
     Metrics (identical on every device): `loss` (clean pass), the loss_fn's metrics, `grad_norm`
     (global norm of the averaged gradient, before clipping), `param_norm` (of the updated params),
-    `learning_rate` (when the optimizer records it, as `optim.make_optimizer` does) and `is_finite`
-    (loss and all gradient leaves finite). A non-finite step is applied anyway: the loop stops on
-    `is_finite == False` and never checkpoints that state.
+    `learning_rate` (when the optimizer records it, as `optim.make_optimizer` does), the flags of
+    `FINITE_CHECKS` (loss, every gradient, every updated parameter and BatchNorm statistic finite)
+    and `is_finite` (all of them). A non-finite step is applied anyway: the loop stops on
+    `is_finite == False`, naming the quantity, and never checkpoints that state.
 
     Args:
       loss_fn: see the module docstring.
@@ -97,9 +103,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, sam_rh
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = {"finite_loss": jnp.isfinite(loss), "finite_gradients": _all_finite(grads),
+                  "finite_parameters": _all_finite(params), "finite_batch_stats": _all_finite(batch_stats)}
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params),
-                       is_finite=jnp.logical_and(jnp.isfinite(loss), _all_finite(grads)))
+                       param_norm=optax.tree.norm(params), is_finite=jnp.all(jnp.stack(list(finite.values()))),
+                       **finite)
         learning_rate = optim.learning_rate_of(opt_state)
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate
