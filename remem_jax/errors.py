@@ -11,3 +11,23 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss; the run stops without saving that state."""
+
+
+class StorageFullError(UserError):
+    """A write found no space left on its device; the file written is unchanged and a rerun resumes."""
+
+
+def storage_full(path: str, error: BaseException) -> "StorageFullError":
+    """The one-line error for a write to `path` that ran out of space (free bytes measured now)."""
+    import os
+    import shutil
+    folder = os.path.dirname(path) or "."
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        free = f"{shutil.disk_usage(folder or '.').free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return StorageFullError(
+        f"No space left to write {path} ({free} on its device; {type(error).__name__}). Nothing was half-written: "
+        "free some space and run the same command again, it resumes from the last complete checkpoint.")

@@ -6,11 +6,14 @@ needs no TensorFlow start-up.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import uuid
 from typing import Any, Iterable, Optional, Union
+
+from remem_jax import errors
 
 CHUNK_BYTES = 16 << 20  # streaming copies move 16 MiB at a time
 TEMPORARY_MARK = ".tmp-"  # atomic_write's temporary files: <path>.tmp-<32 hex digits>
@@ -78,9 +81,18 @@ def atomic_write(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
     """
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     parent = os.path.dirname(path)
-    if parent:
-        makedirs(parent)
     tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex}"
+    try:
+        if parent:
+            makedirs(parent)
+        _write_then_rename(path, tmp, chunks)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise errors.storage_full(path, e) from e
+        raise
+
+
+def _write_then_rename(path: str, tmp: str, chunks) -> None:
     try:
         if is_remote(path):
             with gfile().GFile(tmp, "wb") as f:

@@ -15,6 +15,7 @@ see `remem_jax.workdir`), and the dataset on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import flags, logging
@@ -39,19 +40,32 @@ def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=
       stage_table: name -> `Stage`; None: `remem_jax.train.stages.table()`, every stage of the library.
     """
     import jax
-    from clu import metric_writers
-    from jax.experimental import multihost_utils
 
-    from remem_jax import config_validation, files
+    from remem_jax import config_validation
     from remem_jax import workdir as workdir_lib
-    from remem_jax.data import sources
-    from remem_jax.train import common, runs
+    from remem_jax.train import common
     from remem_jax.train import stages as stages_lib
 
     table = stages_lib.table() if stage_table is None else stage_table
     config_validation.validate(config, table)
     config_validation.global_batches(config, table, jax.device_count())
     workdir_lib.prepare(workdir, create=common.is_chief())
+    # One run at a time in a workdir: process 0 holds its lock until the run ends, however it ends.
+    with workdir_lib.lock(workdir) if common.is_chief() else contextlib.nullcontext():
+        return _run_stages(config, workdir, table, allow_config_change)
+
+
+def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
+    import jax
+    from clu import metric_writers
+    from jax.experimental import multihost_utils
+
+    from remem_jax import files
+    from remem_jax import workdir as workdir_lib
+    from remem_jax.data import sources
+    from remem_jax.train import common, runs
+    from remem_jax.train import stages as stages_lib
+
     record = workdir_lib.check_resume(workdir, config.to_dict(), table, allow_change=allow_config_change,
                                       log=logging.warning)
     results_path = os.path.join(workdir, runs.RESULTS_JSON)

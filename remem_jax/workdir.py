@@ -15,15 +15,20 @@ read a field is the stage table's to say (`Stage.section` and `Stage.reads`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import fnmatch
 import json
-from typing import Any, Mapping, Optional
+import os
+import socket
+from typing import Any, Iterator, Mapping, Optional
 
 from remem_jax import errors, files
 from remem_jax.train import stages as stage_table
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = "run.lock"
 
 # Fields that only change logging, evaluation frequency, checkpoint frequency or where data and
 # caches are read from: never what a stage computes. The one allow-list; fnmatch patterns.
@@ -61,6 +66,76 @@ def prepare(workdir: str, *, create: bool = True) -> None:
             raise
         detail = cause or f"{type(e).__name__}: {e.strerror or e}"
         raise errors.UserError(f"Cannot create --workdir {workdir!r}: {detail}.") from e
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _write_error(workdir: str, e: OSError) -> errors.UserError:
+    reason = {errno.EACCES: "permission denied (run as a user who may write there, or use another --workdir)",
+              errno.EPERM: "permission denied (run as a user who may write there, or use another --workdir)",
+              errno.EROFS: "it is on a read-only file system",
+              errno.ENOSPC: "no space left on its device"}.get(e.errno, f"{type(e).__name__}: {e.strerror or e}")
+    return errors.UserError(f"Cannot write to --workdir {workdir!r}: {reason}.")
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[str]:
+    """Holds `<workdir>/run.lock` (host, pid, start time) while the block runs; yields its path.
+
+    One process runs in a workdir at a time: a second start finds the lock and stops, naming the
+    holder. A lock left by a process of this host that no longer exists (killed) is stale and is
+    taken over. Local files are created atomically (O_EXCL); on remote storage (gs://) creation
+    is check-then-write, so two starts in the same instant are not excluded there. Multi-host
+    runs: process 0 holds it.
+
+    Raises:
+      UserError: the workdir is in use, or cannot be written (read-only, permission, full).
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+    for attempt in range(2):
+        try:
+            if files.is_remote(path):
+                if files.exists(path):
+                    raise FileExistsError(path)
+                files.write_json(path, mine)
+            else:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(mine, f)
+            break
+        except FileExistsError:
+            try:
+                holder = files.read_json(path, default={}) or {}
+            except ValueError:  # a lock file cut short: its writer died while writing it
+                holder = {}
+            stale = (not holder) or (holder.get("host") == mine["host"] and not _alive(int(holder.get("pid", -1))))
+            if not stale or attempt:
+                raise errors.UserError(
+                    f"--workdir {workdir} is in use by process {holder.get('pid')} on {holder.get('host')} (started "
+                    f"{holder.get('started')}; lock file {path}). Wait for it to finish, or, if that process no "
+                    f"longer runs, delete {path}.") from None
+            (files.gfile().remove if files.is_remote(path) else os.remove)(path)
+        except OSError as e:
+            raise _write_error(workdir, e) from e
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(Exception):
+            if (files.read_json(path, default={}) or {}).get("pid") == mine["pid"]:
+                (files.gfile().remove if files.is_remote(path) else os.remove)(path)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

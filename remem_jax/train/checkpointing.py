@@ -6,6 +6,10 @@ resume cannot read it.
 """
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import shutil
 from typing import Any, Optional, Sequence
 
 import jax
@@ -14,6 +18,26 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from remem_jax import devices, errors
+
+
+def _out_of_space(error: Any) -> bool:
+    text = str(error)
+    return "No space left on device" in text or "os_error_code='28'" in text or (
+        isinstance(error, OSError) and error.errno == errno.ENOSPC)
+
+
+class _HeldLibraryErrors(logging.Filter):
+    """Holds back the errors orbax's writer threads log while a save runs (each with a traceback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.records.append(record)
+            return False
+        return True
 
 
 class StateCheckpointer:
@@ -40,9 +64,39 @@ class StateCheckpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        """Writes `state` (host numpy arrays, or device arrays fetched here) at `step`."""
-        self._manager.save(step, args=ocp.args.StandardSave(devices.to_host(state)), force=True)
-        self._manager.wait_until_finished()
+        """Writes `state` (host numpy arrays, or device arrays fetched here) at `step`.
+
+        Raises:
+          StorageFullError: the device ran out of space; the partial save is an orbax temporary
+            directory, never listed, and removed at the next start.
+        """
+        host_state = devices.to_host(state)
+        self._check_space(step, host_state)
+        held = _HeldLibraryErrors()
+        logging.getLogger("absl").addFilter(held)
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(host_state), force=True)
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax wraps the OS error in several types
+            if _out_of_space(e) or any(_out_of_space(r.getMessage()) for r in held.records):
+                held.records.clear()  # the one-line error below says it all
+                raise errors.storage_full(f"{self.directory}/{step}", e) from e
+            raise
+        finally:
+            logging.getLogger("absl").removeFilter(held)
+            for record in held.records:  # anything else orbax logged is shown as it was
+                logging.getLogger("absl").handle(record)
+
+    def _check_space(self, step: int, host_state: Any) -> None:
+        """Refuses a local save that cannot fit: orbax's writer threads fail noisily on a full disk."""
+        if "://" in self.directory:
+            return
+        need = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_state))
+        folder = self.directory
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if shutil.disk_usage(folder).free < need + (4 << 20):  # + room for metadata
+            raise errors.storage_full(f"{self.directory}/{step}", OSError(errno.ENOSPC, f"{need} bytes needed"))
 
     def restore(self, step: int, like: Any) -> Any:
         """Restores the state saved at `step` with the structure and dtypes of `like`."""
