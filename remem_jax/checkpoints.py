@@ -176,9 +176,14 @@ def fetch(path: str, cache_dir: str) -> str:
     if os.path.exists(meta_path):
         os.remove(meta_path)
     logging.info("Fetching %s (%.1f MiB) into %s.", path, record["size"] / 2**20, local)
+    import tensorflow as tf
     with _remote_access(path):
         try:
             files.copy_file(path, local, expected_size=record["size"])
+        except tf.errors.NotFoundError as e:
+            raise CheckpointError(f"Checkpoint {path!r} disappeared while it was being fetched (it existed, "
+                                  f"{record['size']} bytes, a moment before); nothing was cached. Check that it "
+                                  "is still there and run again.") from e
         except files.IncompleteCopyError as e:
             raise CheckpointError(f"Fetching checkpoint {path!r} stopped early ({e}); nothing was cached. "
                                   "Run again to retry.") from e

@@ -504,3 +504,19 @@ def test_a_model_built_from_the_config_is_loaded_with_the_file(ti_ckpt):
     # A model the file does not fit: every mismatch named, with the file.
     with pytest.raises(CheckpointError, match=r"(?s)Ti_16-i21k.npz.*missing keys.*encoderblock_3"):
         checkpoints.load_into(vit.VisionTransformer(**{**ckpt.architecture, "num_layers": 4, "num_classes": 7}), ckpt)
+
+
+def test_a_remote_file_that_disappears_between_its_size_check_and_the_copy(remote_ckpt, tmp_path, monkeypatch):
+    path, _ = remote_ckpt
+    real_stat = checkpoints._remote_stat
+
+    def stat_then_delete(p):
+        stat = real_stat(p)
+        tf.io.gfile.remove(p)  # gone after the size check, before the copy
+        return stat
+    monkeypatch.setattr(checkpoints, "_remote_stat", stat_then_delete)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(CheckpointError, match=r"ckpt.npz' disappeared while it was being fetched \(it existed, "
+                                              r"\d+ bytes, a moment before\); nothing was cached"):
+        checkpoints.load_augreg(path, cache_dir=cache)
+    assert [f for _, _, names in os.walk(cache) for f in names] == []
