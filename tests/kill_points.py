@@ -192,7 +192,7 @@ def sweep(factory: str, root: str, points, *, report=print) -> list[dict]:
                                                                        killed.stderr[-2000:]]})
             report(rows[-1])
             continue
-        path = next((e["path"] for e in events if f"{e['event']}:{e['n']}" == point), "?")
+        path = next((e["path"] for e in events if f"{e['event']}:{e['n']}" == point), point.partition("@")[2])
         rerun = child(["run", factory, workdir])
         problems = [f"rerun failed: {rerun.stderr[-2000:]}"] if rerun.returncode else compare(reference, workdir)
         rows.append({"point": point, "at": os.path.relpath(path, reference) if path.startswith(reference) else path,
