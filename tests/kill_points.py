@@ -33,8 +33,11 @@ EVENTS = ("checkpoint_saved", "atomic_rename", "commit")
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
-def _install(kill_at, log):
-    """Wraps the event sites; `kill_at` = (event, n) kills at that event, `log` collects every event."""
+def _install(kill_at, log, workdir: str):
+    """Wraps the event sites; `kill_at` = (event, n) kills at that event, `log` collects every event.
+
+    A path-based point matches the event's path relative to `workdir`.
+    """
     from remem_jax import files
     from remem_jax.train import checkpointing, runs
     counts = dict.fromkeys(EVENTS, 0)
@@ -48,10 +51,12 @@ def _install(kill_at, log):
             return
         if isinstance(kill_at[1], int):
             hit = kill_at[1] == counts[name]
-        else:  # (substring of the path, k): the k-th such event
-            matches[0] += kill_at[1][0] in path
-            hit = kill_at[1][0] in path and matches[0] == kill_at[1][1]
+        else:  # (substring of the path within the workdir, k): the k-th such event
+            inside = os.path.relpath(path, workdir)
+            matches[0] += kill_at[1][0] in inside
+            hit = kill_at[1][0] in inside and matches[0] == kill_at[1][1]
         if hit:
+            print(f"kill_points: SIGKILL at {name} {path}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -102,7 +107,7 @@ def _run(factory: str, workdir: str, kill_at=None, log=None) -> None:
     logging.set_verbosity(logging.WARNING)
     module, function = factory.split(":")
     config = getattr(importlib.import_module(module), function)()
-    _install(kill_at, log if log is not None else [])
+    _install(kill_at, log if log is not None else [], os.path.abspath(workdir))
     from remem_jax import main
     main.run(config, workdir)
 
@@ -184,7 +189,7 @@ def sweep(factory: str, root: str, points, *, report=print) -> list[dict]:
         points = choose_points(events, points)
     rows = []
     for point in points:
-        workdir = os.path.join(root, point.replace(":", "_"))
+        workdir = os.path.join(root, re.sub(r"[^\w.-]", "_", point))
         start = time.time()
         killed = child(["kill", factory, workdir, point])
         if killed.returncode != -signal.SIGKILL:

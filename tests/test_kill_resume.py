@@ -27,6 +27,8 @@ def test_kill_minus_nine_at_exact_points_then_rerun_gives_the_uninterrupted_resu
     for point in POINTS:
         killed = kill_points.child(["kill", FACTORY, workdir, point])
         assert killed.returncode == -signal.SIGKILL, f"{point}: rc {killed.returncode}\n{killed.stderr[-3000:]}"
+        event, path = point.split("@")
+        assert f"kill_points: SIGKILL at {event} {workdir}/{path}" in killed.stderr, killed.stderr[-3000:]
     rerun = kill_points.child(["run", FACTORY, workdir])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert kill_points.compare(reference, workdir) == []
