@@ -200,7 +200,9 @@ def sweep(factory: str, root: str, points, *, report=print) -> list[dict]:
         path = next((e["path"] for e in events if f"{e['event']}:{e['n']}" == point), point.partition("@")[2])
         rerun = child(["run", factory, workdir])
         problems = [f"rerun failed: {rerun.stderr[-2000:]}"] if rerun.returncode else compare(reference, workdir)
+        died = [line for line in killed.stderr.splitlines() if line.startswith("kill_points: SIGKILL at")]
         rows.append({"point": point, "at": os.path.relpath(path, reference) if path.startswith(reference) else path,
+                     "died_at": died[-1][len("kill_points: SIGKILL at "):].replace(workdir, "WD") if died else None,
                      "killed": True, "problems": problems, "seconds": round(time.time() - start)})
         report(rows[-1])
     return rows
