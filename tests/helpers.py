@@ -62,3 +62,15 @@ def run_in_fresh_process(config_factory: str, workdir, *, devices: int = 2, anal
     assert result.returncode == 0, f"{config_factory} failed in its own process:\n{result.stderr[-4000:]}"
     with open(results_path) as f:
         return json.load(f)
+
+
+def random_vit_npz(path, num_layers: int = 2, image_size: int = 16) -> str:
+    """A random ViT-Ti/8 with `num_layers` blocks and a 10-class head, saved at `path` as an AugReg npz."""
+    import jax
+    import numpy as np
+    from remem_jax import checkpoints
+    from remem_jax.models import vit
+    model = vit.create_vit("Ti_8", 10, num_layers=num_layers)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, image_size, image_size, 3)))["params"]
+    checkpoints.save_augreg(str(path), params)
+    return str(path)

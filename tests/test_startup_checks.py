@@ -3,12 +3,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints
-from remem_jax.models import vit
+from tests import helpers
 from tests.test_cli import REPO, run_cli
 from tests.test_cli_inputs import one_error_line
 
@@ -59,11 +57,7 @@ def test_analyze_names_an_unknown_field_as_main_does(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_block_teacher(tmp_path_factory):
-    model = vit.create_vit("Ti_8", 10, num_layers=2)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
-    path = str(tmp_path_factory.mktemp("teacher") / "ti8.npz")
-    checkpoints.save_augreg(path, params)
-    return path
+    return helpers.random_vit_npz(tmp_path_factory.mktemp("teacher") / "ti8.npz")
 
 
 def test_tinymim_student_deeper_than_its_teacher_is_refused(tmp_path, two_block_teacher):

@@ -5,12 +5,10 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints
-from remem_jax.models import vit
+from tests import helpers
 from tests.test_cli import REPO
 from tests.test_cli_inputs import one_error_line
 
@@ -22,11 +20,7 @@ FINETUNE = ["--config.stages=('finetune_teacher',)", "--config.data.image_size=1
 
 @pytest.fixture(scope="module")
 def teacher_npz(tmp_path_factory):
-    model = vit.create_vit("Ti_8", 10, num_layers=2)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
-    path = str(tmp_path_factory.mktemp("teacher") / "ti8.npz")
-    checkpoints.save_augreg(path, params)
-    return path
+    return helpers.random_vit_npz(tmp_path_factory.mktemp("teacher") / "ti8.npz")
 
 
 def cli(workdir, teacher, *extra):
