@@ -13,8 +13,8 @@ The points are events, not timed guesses; each is counted in run order within on
   python -m tests.kill_points run    MODULE:FACTORY WORKDIR               # a plain (re)run
   python -m tests.kill_points sweep  MODULE:FACTORY ROOT POINTS           # the whole experiment, a report
 
-`compare(reference, workdir)` is what "identical" means: every npz array by array, results.json
-and every results.md with the workdir's path taken out.
+`compare(reference, workdir)` is what "identical" means: every npz array by array, results.json,
+every results.md and every sub-run's summary.json, with the workdir's path taken out.
 """
 from __future__ import annotations
 
@@ -130,9 +130,9 @@ def _npz_files(root: str) -> dict[str, str]:
             for d, _, names in os.walk(root) for f in names if f.endswith(".npz")}
 
 
-def _results_md(root: str) -> dict[str, str]:
+def _named(root: str, name: str) -> dict[str, str]:
     return {os.path.relpath(os.path.join(d, f), root): os.path.join(d, f)
-            for d, _, names in os.walk(root) for f in names if f == "results.md"}
+            for d, _, names in os.walk(root) for f in names if f == name}
 
 
 def compare(reference: str, workdir: str) -> list[str]:
@@ -147,8 +147,9 @@ def compare(reference: str, workdir: str) -> list[str]:
                 problems.append(f"{name}: keys differ")
                 continue
             problems += [f"{name}: {key} differs" for key in a if not np.array_equal(a[key], b[key])]
-    for kind, paths in (("results.md", _results_md),):
-        want, got = paths(reference), paths(workdir)
+    # Every table, and every sub-run's summary (evaluation history included).
+    for kind in ("results.md", "summary.json"):
+        want, got = _named(reference, kind), _named(workdir, kind)
         if set(want) != set(got):
             problems.append(f"{kind} files differ: {sorted(set(want) ^ set(got))}")
         for name in sorted(set(want) & set(got)):
