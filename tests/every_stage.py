@@ -30,3 +30,10 @@ def every_stage_config():
                            decoder_steps=4, decoder_batch_size=8, decoder_channels=(8,), prune_max_blocks=1,
                            kept_steps="last"))
     return c
+
+
+def quick_config():
+    """`every_stage_config` with a tenth of the digits for the probe (the CI kill test's run)."""
+    c = every_stage_config()
+    c.linear_probe.update(dict(train_fraction=0.1, batch_size=32, checkpoint_every=2))
+    return c

@@ -1,22 +1,21 @@
 """kill -9 at exact points of a run with every stage kind; the rerun's results equal an uninterrupted run's.
 
-One workdir is killed five times in a row, each rerun resuming from what the previous kill left:
-right after a kept teacher's checkpoint, inside the atomic write of a probe's evaluation history,
-between a distilled student's last checkpoint and its summary (the one that once made a wrong
-student 'best'), inside the write of the best student's serving export, and before the last
-sub-run's summary. tests/kill_points.py runs the same experiment at 20 points (`sweep`).
+One workdir is killed four times in a row, each rerun resuming from what the previous kill left:
+right after a kept teacher's checkpoint, between a distilled student's last checkpoint and its
+summary (the kill that once made a wrong student 'best'), inside the write of the best student's
+serving export, and inside the atomic write of a probe's evaluation history. tests/kill_points.py
+runs the same experiment at 20 points (`sweep`).
 """
 import signal
 
 from tests import kill_points
 
-FACTORY = "tests.every_stage:every_stage_config"
+FACTORY = "tests.every_stage:quick_config"
 POINTS = (
     "checkpoint_saved@finetune/remem/checkpoints/3",
     "commit@distill/remem_step6/summary.json",
     "atomic_rename@best_student/student.stablehlo.bin",
     "atomic_rename@linear_probe/wecolora/eval_history.json",
-    "commit@tinymim_finetune/scratch/summary.json",
 )
 
 

@@ -1,11 +1,15 @@
 """Start-up mistakes through the command line: one `remem_jax: error:` line, exit status 2, before any training."""
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from configs import digits
+from remem_jax import config_validation, errors
+from remem_jax.train import stages
 from tests import helpers
 from tests.test_cli import REPO, run_cli
 from tests.test_cli_inputs import one_error_line
@@ -14,16 +18,28 @@ from tests.test_cli_inputs import one_error_line
 @pytest.mark.parametrize("overrides,message", [
     (["--config.data.image_size=12"], "config.data.image_size must be a multiple of the patch size 8 of "
      "config.pretrain.variant='Ti_8', got 12."),
-    (["--config.data.image_size=4"], "config.data.image_size must be a multiple of the patch size 8"),
-    (["--config.finetune.settings=('remem','remem')"], "config.finetune.settings must be a list without repeats, "
-     "got ('remem', 'remem')."),
-    (["--config.stages=('pretrain_teacher','pretrain_teacher')"], "config.stages must be a list without repeats"),
     (["--config.no_such=1"], "unknown config field config.no_such (every field is listed in configs/common.py)"),
 ])
 def test_config_mistakes(tmp_path, overrides, message):
     line = one_error_line(run_cli(tmp_path / "run", *overrides))
     assert message in line, line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.image_size", 4, "config.data.image_size must be a multiple of the patch size 8 of "
+     "config.pretrain.variant='Ti_8', got 4."),
+    ("finetune.settings", ("remem", "remem"), "config.finetune.settings must be a list without repeats, "
+     "got ('remem', 'remem')."),
+    ("stages", ("pretrain_teacher", "pretrain_teacher"), "config.stages must be a list without repeats"),
+])
+def test_config_mistakes_found_by_validation(field, value, message):
+    # The same start-up validation as above; its one-line exit is the generic UserError path tested there.
+    config = digits.get_config()
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(errors.UserError, match=re.escape(message)):
+        config_validation.validate(config, stages.table())
 
 
 def test_global_batch_that_does_not_split_over_the_devices(tmp_path):

@@ -1,4 +1,5 @@
 """The workdir under faults: a second process, a read-only or full file system. One line, exit 2, nothing lost."""
+import dataclasses
 import json
 import os
 import socket
@@ -60,16 +61,25 @@ def test_a_second_process_on_a_workdir_in_use_stops_naming_the_holder(tmp_path, 
     assert json.loads((workdir / "run.lock").read_text()) == holder and sorted(os.listdir(workdir)) == ["run.lock"]
 
 
-def test_a_lock_left_by_a_killed_process_is_taken_over_and_removed_at_exit(tmp_path, teacher_npz):
+def test_a_lock_left_by_a_killed_process_is_taken_over_and_removed_at_exit(tmp_path):
+    from tests.test_stage_table import toy_config, toy_table
+    from remem_jax import main
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
                                                   "started": "2026-12-04T10:00:00+00:00"}))
-    result = cli(workdir, teacher_npz)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not (workdir / "run.lock").exists()
-    assert json.load(open(workdir / "finetune" / "remem" / "summary.json"))["complete"]
+    seen = []
+    table = toy_table()
+    run_toy = table["toy"].run
+
+    def toy_sees_its_own_lock(ctx):
+        seen.append(json.loads((workdir / "run.lock").read_text())["pid"])
+        return run_toy(ctx)
+    table["toy"] = dataclasses.replace(table["toy"], run=toy_sees_its_own_lock)
+    assert main.run(toy_config(), str(workdir), stage_table=table)["toy"]["summary"]["score"] == 2.0
+    assert seen == [os.getpid()]  # taken over while the run worked
+    assert not (workdir / "run.lock").exists()  # and removed at its end
 
 
 def test_a_read_only_workdir_is_one_line(tmpfs, teacher_npz):
