@@ -66,11 +66,19 @@ def merge_counts(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray]
 
 
 def finalize_counts(counts: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Turns accumulated counts into metrics.
+    """Turns accumulated counts into metrics and their standard errors.
+
+    The standard errors treat each eval example as an independent Bernoulli trial (the test set
+    as a sample of the population it stands for): `top1_se = sqrt(p (1 - p) / n)`, and for the
+    mean of the per-class accuracies p_c over the C classes present, each estimated from its n_c
+    examples, `mean_per_class_se = sqrt(sum_c p_c (1 - p_c) / n_c) / C`. They say how far a
+    number could move on another test set of the same size; two numbers closer than about two
+    standard errors are not told apart by this test set.
 
     Returns:
-      {'top1': accuracy over all examples, 'mean_per_class': mean over classes present in the
-      eval set of their accuracy, 'loss': mean cross-entropy, 'num_examples': count}.
+      {'top1': accuracy over all examples, 'top1_se', 'mean_per_class': mean over classes present
+      in the eval set of their accuracy, 'mean_per_class_se', 'loss': mean cross-entropy,
+      'num_examples': count}.
     """
     correct = np.asarray(counts["correct_per_class"], np.float64)
     count = np.asarray(counts["count_per_class"], np.float64)
@@ -78,9 +86,35 @@ def finalize_counts(counts: Mapping[str, np.ndarray]) -> dict[str, float]:
     if n <= 0:
         raise ValueError("finalize_counts: no real examples were counted (num_examples=0).")
     present = count > 0
+    top1 = correct.sum() / n
+    per_class = correct[present] / count[present]
     return {
-        "top1": float(correct.sum() / n),
-        "mean_per_class": float(np.mean(correct[present] / count[present])),
+        "top1": float(top1),
+        "top1_se": binomial_se(top1, n),
+        "mean_per_class": float(np.mean(per_class)),
+        "mean_per_class_se": float(np.sqrt(np.sum(per_class * (1 - per_class) / count[present])) / present.sum()),
         "loss": float(np.asarray(counts["loss_sum"]) / n),
         "num_examples": n,
     }
+
+
+def binomial_se(accuracy: float, num_examples: float) -> float:
+    """Standard error `sqrt(p (1 - p) / n)` of an accuracy p measured on n independent examples."""
+    return float(np.sqrt(accuracy * (1.0 - accuracy) / num_examples))
+
+
+def format_accuracy(evaluation, metric: str) -> str:
+    """`evaluation[metric]` in percent with its standard error, e.g. '65.11 ± 2.25'; '-' when absent.
+
+    The error is `evaluation[metric + '_se']` (from `finalize_counts`); results written before
+    standard errors existed show the number alone.
+    """
+    if not evaluation or evaluation.get(metric) is None:
+        return "-"
+    se = evaluation.get(f"{metric}_se")
+    return f"{100 * evaluation[metric]:.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
+
+
+STANDARD_ERROR_NOTE = ("± is one standard error of the test-set estimate (binomial; for mean per-class accuracy, "
+                       "of the mean of the per-class binomials): differences within about two of them are not told "
+                       "apart by this test set.")

@@ -87,3 +87,39 @@ def test_jit_and_eager_match_numpy_counts():
         np.testing.assert_allclose(got["top1"], want_top1, rtol=0, atol=1e-12)
         np.testing.assert_allclose(got["mean_per_class"], want_mean_per_class, rtol=0, atol=1e-12)
         np.testing.assert_allclose(got["loss"], nll[real].mean(), rtol=1e-5)
+
+
+def test_standard_errors_by_hand():
+    # 3 classes: class 0 has 4 examples (3 right), class 1 has 2 (1 right), class 2 has 4 (4 right).
+    counts = {"correct_per_class": np.array([3.0, 1.0, 4.0]), "count_per_class": np.array([4.0, 2.0, 4.0]),
+              "loss_sum": np.array(5.0), "num_examples": np.array(10.0)}
+    got = metrics.finalize_counts(counts)
+    # top-1 = 8/10: sqrt(0.8 * 0.2 / 10) = 0.126491...
+    np.testing.assert_allclose(got["top1_se"], 0.12649110640673517, rtol=1e-12)
+    # per class 0.75, 0.5, 1.0: sqrt(0.75*0.25/4 + 0.5*0.5/2 + 0) / 3 = sqrt(0.171875) / 3 = 0.138193...
+    np.testing.assert_allclose(got["mean_per_class"], 0.75, rtol=1e-12)
+    np.testing.assert_allclose(got["mean_per_class_se"], 0.13819269959814163, rtol=1e-12)
+
+
+def test_standard_errors_match_the_spread_of_resampled_test_sets():
+    """Each formula predicts the spread of its metric over independent test sets of the same size.
+
+    top-1: test sets drawn i.i.d. from a population of three classes of different difficulty;
+    mean per-class: test sets with the same number of examples per class (what the formula
+    conditions on). 4000 draws measure a spread to about 1%.
+    """
+    rng = np.random.default_rng(0)
+    true_acc, class_prob, n = np.array([0.9, 0.6, 0.3]), np.array([0.5, 0.2, 0.3]), 100
+
+    def draw(n_per_class):
+        return metrics.finalize_counts({
+            "correct_per_class": rng.binomial(n_per_class, true_acc).astype(np.float64),
+            "count_per_class": n_per_class.astype(np.float64), "loss_sum": np.array(0.0),
+            "num_examples": np.array(float(n_per_class.sum()))})
+
+    iid = [draw(rng.multinomial(n, class_prob)) for _ in range(4000)]
+    fixed = [draw(np.array([50, 20, 30])) for _ in range(4000)]
+    for key, sample in (("top1", iid), ("mean_per_class", fixed)):
+        spread = np.std([d[key] for d in sample])
+        mean_se = np.mean([d[f"{key}_se"] for d in sample])
+        np.testing.assert_allclose(mean_se, spread, rtol=0.05, err_msg=key)
