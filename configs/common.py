@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar100"            # a name of remem_jax/data/registry.py; configs/remem.py:<name> sets it
     c.stages = ("finetune_teacher", "distill_student")  # run in order; the stage table: remem_jax/train/stages.py
     c.seed = 0                        # seeds init, data order and dropout
+    c.seeds = 1                       # >1: the run repeated with seeds seed, seed+1, ... (DIR/seeds/seed_<s>/); tables give mean and spread
 
     # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
     c.data = ml_collections.ConfigDict()
@@ -24,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir: hand-downloaded archives (resisc45, retinopathy, imagenet)
     c.data.shuffle_buffer = 10_000    # shuffle buffer of streamed TFDS splits, encoded images (record sources shuffle fully)
     c.data.validation_percent = 0     # 0: eval on the test split; k: train on train[:100-k%], eval on train[100-k%:]
-    c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # None: whole train split; f in (0, 1]: class-stratified fraction of it (>= 1 per class)
+    c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # the few-shot subset, read by fewshot_distill only (every other stage trains on the whole train split); None: whole split; f in (0, 1]: class-stratified fraction (>= 1 per class)
     c.data.few_shot_per_class = ml_collections.FieldReference(None, field_type=int)  # None: off; N: N train examples per class (exclusive with few_shot_fraction)
     c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)
     c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ class sub-folders
@@ -149,7 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.linear_probe.trust_coefficient = 0.001  # LARS trust coefficient (1-D leaves: no trust scaling, no decay)
     c.linear_probe.weight_decay = 0.0  # LARS weight decay (ndim > 1 leaves only)
     c.linear_probe.train_fraction = ml_collections.FieldReference(None, field_type=float)  # None: the whole train split; f: class-stratified fraction (the reference's ImageNet --few_shot: 0.1)
-    c.linear_probe.reference_rows = True  # also probe the teacher and the untrained weight copy
+    c.linear_probe.reference_rows = True  # also probe the teacher, the untrained weight copy and a random init of the students' shape (the floor)
     c.linear_probe.checkpoint_every = 0  # steps between resume checkpoints (0: only at the end)
     c.linear_probe.log_every = 100    # steps between progress lines / summaries
     # --- relation_distill stage (TinyMIM, remem_jax/train/tinymim.py); teacher = config.teacher ---

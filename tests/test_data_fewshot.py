@@ -42,24 +42,27 @@ def test_holdout_is_stratified_and_disjoint():
 
 def test_pipeline_few_shot_disjoint_from_eval():
     cfg = helpers.data_config(image_size=16, validation_percent=20, few_shot_fraction=0.1)
-    train = sources.build_source(cfg, "digits", "train", process_index=0, process_count=1)
+    train = sources.build_source(cfg, "digits", "few_shot", process_index=0, process_count=1)
     held = sources.build_source(cfg, "digits", "eval", process_index=0, process_count=1)
     pool = sources.build_source(helpers.data_config(validation_percent=20), "digits", "train",
                                 process_index=0, process_count=1)
     want = np.maximum(1, np.floor(np.bincount(pool.records[1]) * 0.1 + 1e-9)).astype(int)
     np.testing.assert_array_equal(np.bincount(train.records[1]), want)
+    # The few-shot settings select for the 'few_shot' role only: 'train' is the whole pool.
+    np.testing.assert_array_equal(sources.build_source(cfg, "digits", "train", process_index=0,
+                                                       process_count=1).records[0], pool.records[0])
     assert set(train.records[0].tolist()) <= set(pool.records[0].tolist())
     assert not set(train.records[0].tolist()) & set(held.records[0].tolist())
     # Eval is untouched by few-shot settings; hosts agree on the selection.
     held_nofs = sources.build_source(helpers.data_config(validation_percent=20), "digits", "eval",
                                      process_index=0, process_count=1)
     np.testing.assert_array_equal(held.records[0], held_nofs.records[0])
-    parts = [sources.build_source(cfg, "digits", "train", process_index=p, process_count=2)
+    parts = [sources.build_source(cfg, "digits", "few_shot", process_index=p, process_count=2)
              for p in range(2)]
     for part in parts:  # Every host holds the whole (shared) table; the pipeline splits batches.
         np.testing.assert_array_equal(part.records[0], train.records[0])
     test = sources.build_source(helpers.data_config(), "digits", "eval", process_index=0, process_count=1)
-    full = sources.build_source(helpers.data_config(few_shot_fraction=0.1), "digits", "train",
+    full = sources.build_source(helpers.data_config(few_shot_fraction=0.1), "digits", "few_shot",
                                 process_index=0, process_count=1)
     assert not set(full.records[0].tolist()) & set(test.records[0].tolist())
 
@@ -67,8 +70,10 @@ def test_pipeline_few_shot_disjoint_from_eval():
 def test_tfds_few_shot_materialises_subset():
     with tfds.testing.mock_data(num_examples=40):
         cfg = helpers.data_config(image_size=16, few_shot_per_class=1)
-        src = sources.build_source(cfg, "cifar10", "train", process_index=0, process_count=1)
+        src = sources.build_source(cfg, "cifar10", "few_shot", process_index=0, process_count=1)
         assert src.records is not None
         assert len(np.unique(src.records[1])) == len(src.records[1]) == src.num_examples
-        batch = next(pipeline.make_train_iterator(cfg, "cifar10", global_batch_size=8, seed=0))
+        whole = sources.build_source(cfg, "cifar10", "train", process_index=0, process_count=1)
+        assert whole.records is None and whole.total_examples == 40  # the stream of the whole split
+        batch = next(pipeline.make_train_iterator(cfg, "cifar10", global_batch_size=8, seed=0, few_shot=True))
         assert batch["image"].shape == (8, 1, 16, 16, 3)

@@ -24,7 +24,7 @@ def split_images(data_config, dataset: str, role: str, num_images: int, batch_si
 
     Args:
       data_config, dataset: the run's `config.data` and `config.dataset`.
-      role: 'train' (the train split after any validation hold-out and few-shot subset) or 'eval'.
+      role: a `sources.ROLES` entry: 'train' (the train split less any validation hold-out), 'few_shot' or 'eval'.
       num_images: how many (at most the split's size).
       batch_size: images per tf.data batch (rounded up to a multiple of the device count).
 

@@ -143,6 +143,9 @@ class TrainData:
     label pass and keeps the encoded subset in memory), so the trainer can ask for
     `num_examples` and iterators without repeating that work.
 
+    `few_shot=True` reads the `few_shot_*` subset of the train split (the stages that are
+    few-shot by definition); otherwise the whole train split (less any validation hold-out).
+
     Attributes:
       num_examples: training examples over all hosts (after hold-out and few-shot selection).
       num_classes: number of classes.
@@ -150,7 +153,7 @@ class TrainData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int, seed: int,
-                 mixup_alpha: float = 0.0, source: Optional[sources_lib.Source] = None,
+                 mixup_alpha: float = 0.0, few_shot: bool = False, source: Optional[sources_lib.Source] = None,
                  process_index: Optional[int] = None, process_count: Optional[int] = None):
         self._tf = _tf()
         if mixup_alpha < 0:
@@ -160,7 +163,7 @@ class TrainData:
         self.seed = int(seed)
         self.mixup_alpha = float(mixup_alpha)
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
-        self.source = source or sources_lib.build_source(data_config, dataset, "train")
+        self.source = source or sources_lib.build_source(data_config, dataset, train_role(few_shot))
         self._host = _host_slice(self.source, process_index, process_count)
         self.num_examples = self.source.total_examples
         self.num_classes = self.source.num_classes
@@ -246,7 +249,7 @@ class TrainData:
 
 
 def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, seed: int,
-                        start_step: int = 0, mixup_alpha: float = 0.0
+                        start_step: int = 0, mixup_alpha: float = 0.0, few_shot: bool = False
                         ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite, deterministic, resumable train batches for pmap.
 
@@ -260,6 +263,7 @@ def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, se
       seed: data seed (order, crops, flips, mixup).
       start_step: first step to yield; batches equal those of an uninterrupted iterator.
       mixup_alpha: Beta(alpha, alpha) mixup with the batch rolled by one; 0 disables it.
+      few_shot: read the `few_shot_*` subset of the train split instead of all of it.
 
     Returns:
       Iterator of {'image': float32 [ld, pd, S, S, 3] in [-1, 1], 'label': int32 [ld, pd],
@@ -267,17 +271,22 @@ def make_train_iterator(data_config, dataset: str, *, global_batch_size: int, se
       always the unmixed label of the example).
     """
     data = TrainData(data_config, dataset, global_batch_size=global_batch_size, seed=seed,
-                     mixup_alpha=mixup_alpha)
+                     mixup_alpha=mixup_alpha, few_shot=few_shot)
     return data.iterator(start_step)
 
 
-def num_train_examples(data_config, dataset: str) -> int:
-    """Training examples over all hosts (after hold-out and few-shot selection).
+def train_role(few_shot: bool) -> str:
+    """The source role of a stage's training data: the few-shot subset or the whole train split."""
+    return "few_shot" if few_shot else "train"
+
+
+def num_train_examples(data_config, dataset: str, *, few_shot: bool = False) -> int:
+    """Training examples over all hosts (after hold-out, and few-shot selection when `few_shot`).
 
     For few-shot subsets of TFDS datasets this costs a label pass; prefer `TrainData`, which
     builds the source once and exposes `num_examples`.
     """
-    return sources_lib.build_source(data_config, dataset, "train").total_examples
+    return sources_lib.build_source(data_config, dataset, train_role(few_shot)).total_examples
 
 
 class EvalData:

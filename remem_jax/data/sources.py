@@ -42,6 +42,7 @@ from remem_jax.data import fewshot
 from remem_jax.data.registry import DatasetSpec, get_spec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+ROLES = ("train", "few_shot", "eval")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -108,7 +109,7 @@ def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
 
 def _select(cfg, role: str, train_labels: np.ndarray,
             eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
-    """Returns (which split to read: 'train'|'eval', indices into it) for `role`."""
+    """Returns (which split to read: 'train'|'eval', indices into it) for `role` (see `build_source`)."""
     percent = cfg.validation_percent
     if percent:
         train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
@@ -119,7 +120,7 @@ def _select(cfg, role: str, train_labels: np.ndarray,
         return "eval", np.arange(len(eval_labels_fn()), dtype=np.int64)
     else:
         idx = np.arange(len(train_labels), dtype=np.int64)
-    if _few_shot_requested(cfg):
+    if role == "few_shot" and _few_shot_requested(cfg):
         idx = idx[_few_shot(cfg, train_labels[idx])]
     return "train", idx
 
@@ -309,6 +310,11 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
                           labels, idx, True)
 
 
+def image_folder_eval_split(cfg) -> str:
+    """The eval split folder of an image folder dataset."""
+    return "test"
+
+
 def image_folder_num_classes(cfg) -> int:
     """Number of classes of the image_folder dataset (the sub-folders of train/)."""
     root = cfg.image_folder
@@ -463,8 +469,8 @@ def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     if percent:
         train_split, eval_split = holdout_split_strings(train_split, percent,
                                                         _split_sizes(builder))
-    split = train_split if role == "train" else eval_split
-    if role == "train" and _few_shot_requested(cfg):
+    split = eval_split if role == "eval" else train_split
+    if role == "few_shot" and _few_shot_requested(cfg):
         # Cost: one label-only pass over the train split (images stay encoded), then a second
         # pass that keeps the selected examples' encoded bytes in host memory.
         full = _as_dataset(builder, spec, cfg, split)
@@ -655,14 +661,15 @@ def build_source(data_config, dataset: str, role: str, *, process_index: Optiona
     Args:
       data_config: the config.data section.
       dataset: registry name.
-      role: 'train' (validation hold-out and few-shot applied) or 'eval'.
+      role: 'train' (the train split less any validation hold-out), 'few_shot' (that, then the
+        `few_shot_*` selection: only the stages that are few-shot by definition read it) or 'eval'.
       process_index, process_count: host identity; default jax.process_index()/process_count().
 
     Returns:
       The Source.
     """
-    if role not in ("train", "eval"):
-        raise ValueError(f"role must be 'train' or 'eval', got {role!r}.")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}.")
     spec = get_spec(dataset)
     if process_index is None or process_count is None:
         import jax

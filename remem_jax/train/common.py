@@ -97,12 +97,13 @@ def _layer_decay(section, num_layers: Optional[int]):
     return optim.vit_layer_decay(decay, num_layers)
 
 
-def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup_alpha: float = 0.0
-                           ) -> Callable[[int], Any]:
+def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup_alpha: float = 0.0,
+                           few_shot: bool = False) -> Callable[[int], Any]:
+    """`start_step -> iterator` of the stage's training data (the few-shot subset when `few_shot`)."""
     def make(start_step: int):
         return pipeline.make_train_iterator(
             ctx.config.data, ctx.config.dataset, global_batch_size=batch_size, seed=seed,
-            start_step=start_step, mixup_alpha=mixup_alpha)
+            start_step=start_step, mixup_alpha=mixup_alpha, few_shot=few_shot)
     return make
 
 

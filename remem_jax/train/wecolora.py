@@ -35,7 +35,7 @@ from remem_jax import config_validation as cv, devices, errors, losses, optim, s
 from remem_jax.data import pipeline
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, handoff, loop, runs, stages, state as state_lib, step as step_lib
+from remem_jax.train import common, handoff, loop, runs, seeds, stages, state as state_lib, step as step_lib
 from remem_jax.train.vit_finetune import TrainableViT, setup_finetune
 
 STAGE = handoff.FEWSHOT_STAGE
@@ -183,7 +183,8 @@ def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTra
                      STAGE, variant, setup.model.num_layers, tree.param_count(setup.trainable), steps,
                      steps_per_epoch, initial["l1"])
         final, history = sub.train(
-            state, step_fn, make_train_iterator=common.train_iterator_factory(ctx, w.batch_size, seed=ctx.config.seed),
+            state, step_fn, make_train_iterator=common.train_iterator_factory(ctx, w.batch_size, seed=ctx.config.seed,
+                                                                 few_shot=True),
             loop_config=loop.LoopConfig(name=sub.name, num_steps=steps, global_batch_size=w.batch_size,
                                         log_every=w.log_every, eval_every=0, checkpoint_every=w.checkpoint_every),
             evaluate=evaluator)
@@ -215,7 +216,7 @@ def fewshot_distill(ctx: common.RunContext) -> stages.StageOutput:
     """The `fewshot_distill` stage: every configured variant against the frozen teacher."""
     w = ctx.config.wecolora
     teacher, teacher_params, teacher_path = handoff.load_frozen_teacher(ctx)
-    num_examples = pipeline.num_train_examples(ctx.config.data, ctx.config.dataset)
+    num_examples = pipeline.num_train_examples(ctx.config.data, ctx.config.dataset, few_shot=True)
     rows = [distill_variant(ctx, v, teacher, teacher_params, num_examples) for v in w.variants]
     results = {"teacher": teacher_path, "teacher_blocks": teacher.num_layers, "d": w.d,
                "few_shot_examples": num_examples, "rows": rows}
@@ -244,11 +245,16 @@ def validate(config) -> None:
              "an integer >= 0 (0: only at the end)", w.checkpoint_every)
 
 
+def compared(results: dict) -> list[seeds.Compared]:
+    return [seeds.Compared(r["variant"], "distill L1 at the end (test images)", r["l1_final"], accuracy=False)
+            for r in results["rows"]]
+
+
 STAGES = (
     stages.Stage(STAGE, folder=handoff.FEWSHOT_DIR, section="wecolora", run=fewshot_distill, validate=validate,
                  global_batches=("wecolora.batch_size",),
                  reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
-                 outputs="`<variant>/student.npz` (LoRA merged: a plain AugReg npz)"),
+                 outputs="`<variant>/student.npz` (LoRA merged: a plain AugReg npz)", train_data="few_shot", compared=compared),
 )
