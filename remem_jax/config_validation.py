@@ -109,6 +109,8 @@ def validate(config: ml_collections.ConfigDict, stages: Mapping[str, Any]) -> No
         check(s in stages, "stages", f"a list of {sorted(stages)}", s)
     check(len(set(listed)) == len(listed), "stages", "a list without repeats", config.stages)
     _dataset(config)
+    positive_int(config, "seeds")
+    check(is_int(config.seed) and config.seed >= 0, "seed", "an integer >= 0", config.seed)
     check(isinstance(config.data.image_size, int) and config.data.image_size > 0, "data.image_size",
           "a positive integer", config.data.image_size)
     check(0 <= config.data.validation_percent < 100, "data.validation_percent", "in [0, 100)",

@@ -52,7 +52,32 @@ def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=
     workdir_lib.prepare(workdir, create=common.is_chief())
     # One run at a time in a workdir: process 0 holds its lock until the run ends, however it ends.
     with workdir_lib.lock(workdir) if common.is_chief() else contextlib.nullcontext():
-        return _run_stages(config, workdir, table, allow_config_change)
+        if config.seeds == 1:
+            return _run_stages(config, workdir, table, allow_config_change)
+        return _run_seeds(config, workdir, table, allow_config_change)
+
+
+def _run_seeds(config, workdir: str, table, allow_config_change: bool) -> dict:
+    """`config.seeds` runs, one per seed in its own workdir; then each stage's compared numbers over them."""
+    from remem_jax import workdir as workdir_lib
+    from remem_jax.train import common, runs, seeds
+
+    per_seed = {}
+    for seed in seeds.seed_values(config):
+        logging.info("=== seed %d of %s ===", seed, seeds.seed_values(config))
+        seed_dir = seeds.seed_workdir(workdir, seed)
+        workdir_lib.prepare(seed_dir, create=common.is_chief())
+        per_seed[seed] = _run_stages(seeds.seed_config(config, seed), seed_dir, table, allow_config_change)
+    results = {"config": config.to_dict(), "seeds": {str(s): r for s, r in per_seed.items()}}
+    compared = [n for n in config.stages if table[n].compared is not None]
+    for name in compared:
+        rows = seeds.aggregate([table[name].compared(r[name]) for r in per_seed.values()])
+        results[name] = {"over_seeds": rows}
+        runs.write_stage_results(workdir, name, table[name].folder, results[name],
+                                 seeds.markdown(name, rows, list(per_seed)))
+    runs.write_run_table(workdir, [(n, table[n].folder) for n in compared])
+    common.write_json(os.path.join(workdir, runs.RESULTS_JSON), results)
+    return results
 
 
 def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
@@ -62,7 +87,7 @@ def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
 
     from remem_jax import files
     from remem_jax import workdir as workdir_lib
-    from remem_jax.data import sources
+    from remem_jax.data import sizes, sources
     from remem_jax.train import common, runs
     from remem_jax.train import stages as stages_lib
 
@@ -72,6 +97,7 @@ def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
     previous = files.read_json(results_path, default={})
     stages_lib.check_needs(config, table, finished=finished_stages(workdir, table, previous))
     data_report = sources.check_ready(config.data, config.dataset)
+    data_records = _data_records(config, table)
     if common.is_chief():
         for path in files.remove_stale_temporaries(workdir):
             logging.warning("Removed %s, left by an interrupted write.", path)
@@ -89,17 +115,32 @@ def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
         if common.is_chief():
             record.stage_started(name)
         output = stage.run(ctx)
-        results = dict(output.results)
+        results, stage_table = dict(output.results), output.table
+        if stage.train_data is not None:
+            results["data"] = data_records[stage.train_data]
+            stage_table = f"{stage_table.rstrip()}\n\n{sizes.describe(results['data'])}"
         if "skipped_bad_images" in data_report:
             results["skipped_bad_images"] = data_report["skipped_bad_images"]
         ctx.results[name] = results
-        runs.write_stage_results(workdir, name, stage.folder, results, output.table)
+        runs.write_stage_results(workdir, name, stage.folder, results, stage_table)
         runs.write_run_table(workdir, [(n, table[n].folder) for n in record.data["started_stages"] if n in table])
         common.write_json(results_path, ctx.results)
         # Later stages read what this one wrote (process 0): every host waits for it.
         multihost_utils.sync_global_devices(f"stage {name} done")
     writer.close()
     return ctx.results
+
+
+def _data_records(config, table) -> dict:
+    """`data.sizes.split_sizes` for each kind of training data the configured stages read, logged."""
+    from remem_jax.data import sizes
+
+    records = {}
+    for kind in sorted({table[name].train_data for name in config.stages} - {None}):
+        records[kind] = sizes.split_sizes(config.data, config.dataset, few_shot=kind == "few_shot")
+        readers = ", ".join(n for n in config.stages if table[n].train_data == kind)
+        logging.info("%s (%s)", sizes.describe(records[kind]), readers)
+    return records
 
 
 def finished_stages(workdir: str, table, previous_results: dict) -> list[str]:

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from remem_jax import checkpoints, config_validation as cv, errors, files
+from remem_jax import checkpoints, config_validation as cv, errors, files, metrics
 from remem_jax.analysis import criticality as criticality_lib
 from remem_jax.analysis import expertness as expertness_lib
 from remem_jax.analysis import features, plots
@@ -260,7 +260,7 @@ def _fmt(x, digits=4):
 def markdown(results: list[dict], metric: str, plot_files: list[str]) -> str:
     lines = ["# Analysis", "", "## Checkpoints", "", f"| checkpoint | path | {metric} | error |", "|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['label']} | {r['checkpoint']} | {100 * r['eval'][metric]:.2f} | "
+        lines.append(f"| {r['label']} | {r['checkpoint']} | {metrics.format_accuracy(r['eval'], metric)} | "
                      f"{100 * r['eval']['error']:.2f} |")
     if any("mi" in r for r in results):
         lines += ["", "## Mutual information (reconstruction decoder, held-out images)", "",

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from remem_jax import checkpoints, config_validation as cv, errors, export, files, losses, tree
+from remem_jax import checkpoints, config_validation as cv, errors, export, files, losses, metrics, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import students
-from remem_jax.train import common, handoff, runs, stages, state as state_lib, step as step_lib
+from remem_jax.train import common, handoff, runs, seeds, stages, state as state_lib, step as step_lib
 
 METHODS = ("kd", "dist", "patient")
 TEACHER_SELECTIONS = ("all", "last")  # config.distill.teachers: every kept checkpoint, or the last per setting
@@ -167,10 +167,9 @@ def results_table(rows: list[dict], metric: str) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("teacher") or {}
-        teacher_acc = f"{100 * t[metric]:.2f}" if metric in t else "-"
-        lines.append(f"| {t.get('setting', SCRATCH)} | {t.get('step', '-')} | {teacher_acc} | {r['student']} | "
-                     f"{r['method']} | {100 * r['student_eval'].get(metric, float('nan')):.2f} |")
-    return "\n".join(lines)
+        lines.append(f"| {t.get('setting', SCRATCH)} | {t.get('step', '-')} | {metrics.format_accuracy(t, metric)} | "
+                     f"{r['student']} | {r['method']} | {metrics.format_accuracy(r['student_eval'], metric)} |")
+    return "\n".join(lines + ["", metrics.STANDARD_ERROR_NOTE])
 
 
 def export_best_student(best_dir: str, best: dict) -> None:
@@ -210,7 +209,7 @@ def distill_student(ctx: common.RunContext) -> stages.StageOutput:
     serving = export.export_for_serving(ctx.config, best_dir, ctx.num_classes)
     served = "".join(f", {best_dir}/{e['file']}" for e in (serving or {}).get("formats", {}).values())
     report = "\n".join([table, "", f"Best student: {best['name']} ({metric} "
-                        f"{100 * best['student_eval'][metric]:.2f}), selected on {split}.",
+                        f"{metrics.format_accuracy(best['student_eval'], metric)}), selected on {split}.",
                         f"Exported to {best_dir}/student.npz and {best_dir}/orbax{served}."])
     if common.is_chief():
         print(report)
@@ -239,10 +238,17 @@ def validate(config) -> None:
              "distill.export_formats", f"a tuple of {', '.join(export.FORMATS)} (() for none)", d.export_formats)
 
 
+def compared(results: dict) -> list[seeds.Compared]:
+    metric = results["metric"]
+    return [seeds.Compared(f"{r['student']} <- {(r.get('teacher') or {}).get('setting', SCRATCH)}"
+                           f"{'' if r.get('teacher') is None else ' step ' + str(r['teacher']['step'])} ({r['method']})",
+                           metric, r["student_eval"][metric]) for r in results["rows"]]
+
+
 STAGES = (
     stages.Stage("distill_student", folder=handoff.DISTILL_DIR, section="distill", run=distill_student,
                  validate=validate, global_batches=("distill.batch_size",), reads=("teacher.dtype",),
                  needs=(stages.Need("finetune_teacher", "the kept teachers"),),
                  outputs="`<setting>_step<N>/student.npz`, `scratch/student.npz`; the best student in "
-                         "`DIR/best_student/` (npz, orbax, verified serving exports, model.json)"),
+                         "`DIR/best_student/` (npz, orbax, verified serving exports, model.json)", compared=compared),
 )

@@ -1,6 +1,7 @@
 """The `linear_probe` stage: frozen-feature linear probing (MAE / MoCo v3 recipe) of WeCoLoRA's students.
 
-For each model (the teacher, the untrained weight copy, and every `fewshot_distill` student) the
+For each model (the teacher, the untrained weight copy, a randomly initialised ViT of the students' shape
+as the floor every student must clear, and every `fewshot_distill` student) the
 CLS token after `encoder_norm` is extracted once for the probe's train split and the eval split
 (resize only, no augmentation, as the reference) and kept on the host; a head (non-affine
 BatchNorm, then Dense with trunc-normal std 0.01) is then trained on that cache with LARS
@@ -22,15 +23,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from remem_jax import checkpoints, config_validation as cv, devices, errors, losses, optim, surgery
-from remem_jax.data import pipeline, sources
+from remem_jax import checkpoints, config_validation as cv, devices, errors, losses, metrics, optim, surgery
+from remem_jax.data import pipeline, sizes, sources
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
 from remem_jax.models.probe_head import ProbeHead
-from remem_jax.train import common, evaluate, handoff, loop, runs, stages, state as state_lib, step as step_lib
+from remem_jax.train import common, evaluate, handoff, loop, runs, seeds, stages, state as state_lib, step as step_lib
 
 STAGE = "linear_probe"
-TEACHER_ROW, COPY_ROW = "teacher", "weight_copy"
+TEACHER_ROW, COPY_ROW, RANDOM_ROW = "teacher", "weight_copy", "random_init"
 
 
 # ----------------------------------------------------------------------------- features
@@ -173,7 +174,7 @@ def train_probe(sub: runs.SubRun, p, train: tuple[np.ndarray, np.ndarray], test:
 # ----------------------------------------------------------------------------- the stage
 
 def probe_models(ctx: common.RunContext) -> list[dict]:
-    """The rows to probe: teacher and weight copy (if `reference_rows`), then every distilled student."""
+    """The rows to probe: teacher, weight copy and random init (if `reference_rows`), then every distilled student."""
     distilled = handoff.fewshot_results(ctx)
     if not distilled:
         raise errors.UserError(f"linear_probe needs the '{handoff.FEWSHOT_STAGE}' stage's students; put "
@@ -182,21 +183,25 @@ def probe_models(ctx: common.RunContext) -> list[dict]:
     if ctx.config.linear_probe.reference_rows:
         rows.append({"name": TEACHER_ROW, "checkpoint": distilled["teacher"], "d": None})
         rows.append({"name": COPY_ROW, "checkpoint": distilled["teacher"], "d": distilled["d"]})
+        rows.append({"name": RANDOM_ROW, "checkpoint": distilled["teacher"], "d": distilled["d"]})
     for r in distilled["rows"]:
         rows.append({"name": r["variant"], "checkpoint": r["student_checkpoint"], "d": r["d"], "distill": r})
     return rows
 
 
 def load_row_model(ctx: common.RunContext, row: dict) -> tuple[vit.VisionTransformer, Any]:
-    """The ViT of a row, in `config.teacher.dtype`: the file's, or its weight copy for the copy row."""
+    """The ViT of a row, in `config.teacher.dtype`: the file's, its weight copy for the copy row, or
+    for the random row a fresh initialisation of the copy's architecture (the model's own init)."""
     ckpt = checkpoints.read_vit(row["checkpoint"], cache_dir=handoff.teacher_cache_dir(ctx))
     size, dtype = ctx.config.data.image_size, DTYPES[ctx.config.teacher.dtype]
     model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype)
     params = checkpoints.load_into(model, ckpt, image_size=size)
-    if row["name"] == COPY_ROW:
+    if row["name"] in (COPY_ROW, RANDOM_ROW):
         params = surgery.copy_every_dth_block(params, row["d"])
         model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype,
                                       num_layers=surgery.student_depth(ckpt.architecture["num_layers"], row["d"]))
+    if row["name"] == RANDOM_ROW:
+        params = jax.jit(model.init)(ctx.rng(STAGE, RANDOM_ROW), jnp.zeros((1, size, size, 3), dtype))["params"]
     return model, params
 
 
@@ -205,7 +210,7 @@ def probe_row(ctx: common.RunContext, row: dict, probe_config) -> dict:
 
     def body(sub: runs.SubRun) -> dict:
         model, params = load_row_model(ctx, row)
-        train_source = sources.build_source(probe_config, ctx.config.dataset, "train")
+        train_source = sources.build_source(probe_config, ctx.config.dataset, "few_shot")
         train_data = pipeline.EvalData(probe_config, ctx.config.dataset, global_batch_size=p.batch_size,
                                        source=train_source)
         train = extract_features(model, params, train_data)
@@ -242,10 +247,12 @@ def results_table(rows: list[dict], metric: str, few_shot_fraction) -> str:
         shots = f"{fraction} ({r['few_shot_examples']} images)" if distilled else "-"
         l1 = f"{r['l1_initial']:.4f} -> {r['l1_final']:.4f}" if distilled else "-"
         lines.append(f"| {r['name']} | {_fmt(r['d'], 'd')} | {r['blocks']} | {_fmt(r['lora_rank'], 'd')} | {shots} "
-                     f"| {_fmt(r['trainable_params'], ',d')} | {l1} | {_fmt(r['final'].get(metric), '.2f', 100)} "
+                     f"| {_fmt(r['trainable_params'], ',d')} | {l1} | {metrics.format_accuracy(r['final'], metric)} "
                      f"| {_fmt(r['max_over_epochs'].get(metric), '.2f', 100)} |")
     lines += ["", "*max over epochs is the reference code's protocol (`max_accuracy`): the epoch is selected on the "
-              "eval split itself, so it is optimistic; the final-epoch column is the honest number."]
+              "eval split itself, so it is optimistic; the final-epoch column is the honest number. "
+              f"{RANDOM_ROW} is a randomly initialised ViT of the students' shape probed the same way: the floor "
+              "a student's features must clear to have learnt anything.", "", metrics.STANDARD_ERROR_NOTE]
     return "\n".join(lines)
 
 
@@ -255,11 +262,12 @@ def linear_probe(ctx: common.RunContext) -> stages.StageOutput:
     probe_config = probe_data_config(ctx.config.data, p.train_fraction)
     rows = [probe_row(ctx, row, probe_config) for row in probe_models(ctx)]
     metric = ctx.metric
-    table = results_table(rows, metric, ctx.config.data.few_shot_fraction)
+    data = sizes.split_sizes(probe_config, ctx.config.dataset, few_shot=p.train_fraction is not None)
+    table = f"{results_table(rows, metric, ctx.config.data.few_shot_fraction)}\n\nProbe {sizes.describe(data)}"
     compact = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     if common.is_chief():
         print(table)
-    return stages.StageOutput({"metric": metric, "rows": compact}, table)
+    return stages.StageOutput({"metric": metric, "rows": compact, "data": data}, table)
 
 
 def validate(config) -> None:
@@ -278,9 +286,14 @@ def validate(config) -> None:
              "an integer >= 0 (0: only at the end)", lp.checkpoint_every)
 
 
+def compared(results: dict) -> list[seeds.Compared]:
+    metric = results["metric"]
+    return [seeds.Compared(r["name"], f"probe {metric} (final epoch)", r["final"][metric]) for r in results["rows"]]
+
+
 STAGES = (
     stages.Stage(STAGE, folder=handoff.PROBE_DIR, section="linear_probe", run=linear_probe, validate=validate,
                  global_batches=("linear_probe.batch_size",),
                  reads=("teacher.dtype",), needs=(stages.Need(handoff.FEWSHOT_STAGE, "the distilled students"),),
-                 outputs="`<model>/summary.json` (per-epoch probe accuracy)"),
+                 outputs="`<model>/summary.json` (per-epoch probe accuracy)", train_data=None, compared=compared),
 )

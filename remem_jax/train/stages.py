@@ -61,6 +61,11 @@ class Stage:
       needs: stages that must have run before it.
       outputs: what it writes in its folder besides `results.{json,md}` (for the README's layout).
       global_batches: its config fields that are global batch sizes, split evenly over every device.
+      train_data: what it trains on, recorded with its results and table (`data.sizes`): 'train'
+        (the whole train split), 'few_shot' (the `data.few_shot_*` subset: only stages that are
+        few-shot by definition), or None when the stage records its own data (or trains on none).
+      compared: `compared(results) -> [seeds.Compared]`, the numbers its table compares (what
+        `config.seeds` > 1 reports as mean and spread); None for a stage that compares none.
     """
     name: str
     folder: str
@@ -71,6 +76,8 @@ class Stage:
     needs: Sequence[Need] = ()
     outputs: str = ""
     global_batches: Sequence[str] = ()
+    train_data: Optional[str] = "train"
+    compared: Optional[Callable[[dict], list]] = None
 
     def reads_field(self, field: str) -> bool:
         """Whether a change of `field` alters what this stage computes (section, or `reads`)."""

@@ -13,10 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from remem_jax import checkpoints, config_validation as cv, errors, files, optim, surgery, tree
+from remem_jax import checkpoints, config_validation as cv, errors, files, metrics, optim, surgery, tree
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, handoff, runs, stages, vit_finetune
+from remem_jax.train import common, handoff, runs, seeds, stages, vit_finetune
 
 SETTINGS = ("remem", "vanilla")
 
@@ -42,9 +42,10 @@ def pretrain_teacher(ctx: common.RunContext) -> stages.StageOutput:
 
     summary = runs.resumable(ctx, "pretrain", ctx.path(handoff.PRETRAIN_DIR), body)
     metric = ctx.metric
+    summary = dict(summary, metric=metric)
     table = "\n".join([f"| teacher | variant | params | steps | {metric} |", "|---|---|---|---|---|",
                        f"| {out} | {summary['variant']} | {summary['num_params']:,} | {p.steps} | "
-                       f"{100 * summary['eval'][metric]:.2f} |"])
+                       f"{metrics.format_accuracy(summary['eval'], metric)} |", "", metrics.STANDARD_ERROR_NOTE])
     return stages.StageOutput(summary, table)
 
 
@@ -139,14 +140,14 @@ def finetune_table(summaries: dict, metric: str) -> str:
     for setting, s in summaries.items():
         for k in s["kept"]:
             lines.append(f"| {setting} | {k['step']} | {s['mode']} | {s['sam_rho']:g} | {s['mlp_alpha']:g} | "
-                         f"{s['attn_beta']:g} | {s['trainable_params']:,} | {100 * k[metric]:.2f} |")
-    return "\n".join(lines)
+                         f"{s['attn_beta']:g} | {s['trainable_params']:,} | {metrics.format_accuracy(k, metric)} |")
+    return "\n".join(lines + ["", metrics.STANDARD_ERROR_NOTE])
 
 
 def finetune_teacher(ctx: common.RunContext) -> stages.StageOutput:
     """The `finetune_teacher` stage: every configured setting (remem, vanilla)."""
     summaries = {setting: finetune_setting(ctx, setting) for setting in ctx.config.finetune.settings}
-    return stages.StageOutput(summaries, finetune_table(summaries, ctx.metric))
+    return stages.StageOutput(dict(summaries, metric=ctx.metric), finetune_table(summaries, ctx.metric))
 
 
 def _keep_steps(f) -> None:
@@ -184,13 +185,23 @@ def validate_finetune(config) -> None:
              f"a divisor of finetune.batch_size ({f.batch_size})", f.accum_steps)
 
 
+def compared_pretrain(results: dict) -> list[seeds.Compared]:
+    return [seeds.Compared("teacher", results["metric"], results["eval"][results["metric"]])]
+
+
+def compared_finetune(results: dict) -> list[seeds.Compared]:
+    metric = results["metric"]
+    return [seeds.Compared(f"{setting} step {k['step']}", metric, k[metric])
+            for setting, s in results.items() if setting != "metric" for k in s["kept"]]
+
+
 STAGES = (
     stages.Stage("pretrain_teacher", folder=handoff.PRETRAIN_DIR, section="pretrain", run=pretrain_teacher,
-                 validate=validate_pretrain, global_batches=("pretrain.batch_size",), outputs="`teacher.npz` (AugReg layout; `teacher.checkpoint='pretrain'`)"),
+                 validate=validate_pretrain, global_batches=("pretrain.batch_size",), outputs="`teacher.npz` (AugReg layout; `teacher.checkpoint='pretrain'`)", compared=compared_pretrain),
     stages.Stage("finetune_teacher", folder=handoff.FINETUNE_DIR, section="finetune", run=finetune_teacher,
                  validate=validate_finetune, global_batches=("finetune.batch_size",), reads=("teacher.checkpoint",),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
                  outputs="`<setting>/teachers/step_<N>.npz` (every kept teacher, reweighting folded), "
-                         "`<setting>/kept.json`"),
+                         "`<setting>/kept.json`", compared=compared_finetune),
 )

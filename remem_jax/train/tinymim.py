@@ -22,8 +22,9 @@ position embeddings are written as `pos_embedding`, plus a zero head for the dat
 
 `finetune_student` fine-tunes every distilled student and a scratch student of the same
 architecture (same init, no distillation) with identical settings through the classifier
-machinery of `train/teacher.py`, and writes `results.md` (one row per target and teacher block,
-plus scratch: distillation loss before / after, fine-tuned metric).
+machinery of `train/vit_finetune.py`, and writes `results.md` (one row per target and teacher block,
+plus scratch: distillation loss before / after, fine-tuned metric, with its standard error), led by the
+teacher's own metric when its head classifies the dataset.
 """
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
-from remem_jax import checkpoints, config_validation as cv, devices, errors, files, optim, relation_losses, surgery, tree
+from remem_jax import checkpoints, config_validation as cv, devices, errors, files, metrics, optim, relation_losses, surgery, tree
 from remem_jax.data import color_jitter
 from remem_jax.dtypes import DTYPES
 from remem_jax.models import vit
-from remem_jax.train import common, handoff, runs, stages, state as state_lib, step as step_lib, vit_finetune
+from remem_jax.train import common, handoff, runs, seeds, stages, state as state_lib, step as step_lib, vit_finetune
 
 TARGETS = ("relation", "cls", "feature")
 PAPER_ONLY_TARGETS = ("cls", "feature")  # not in the released code (ambiguity row 22)
@@ -409,6 +411,28 @@ def finetune_one(ctx: common.RunContext, name: str, checkpoint: str) -> dict:
     return runs.resumable(ctx, f"finetune_student/{name}", ctx.path(handoff.TINYMIM_FINETUNE_DIR, name), body)
 
 
+TEACHER_ROW = "teacher"
+
+
+def teacher_evaluation(ctx: common.RunContext, setup: DistillSetup) -> Optional[dict]:
+    """The frozen teacher's own metrics on the eval split (resumable), or None when its head does not
+    classify the dataset's classes (e.g. an ImageNet head on another dataset)."""
+    model, params = setup.teacher
+    if model.num_classes != ctx.num_classes:
+        logging.info("finetune_student: the teacher's head has %s classes, the dataset %d: no teacher row.",
+                     model.num_classes, ctx.num_classes)
+        return None
+    f = ctx.config.student_finetune
+
+    def body(sub: runs.SubRun) -> dict:
+        evaluator = common.make_evaluator(lambda v, x: model.apply(v, x), lambda p: {"params": p}, ctx, f.batch_size)
+        return sub.commit({"name": TEACHER_ROW, "checkpoint": handoff.teacher_checkpoint_path(ctx),
+                           "eval": evaluator(devices.replicate(params))}, metrics=("eval",))
+
+    return runs.resumable(ctx, f"finetune_student/{TEACHER_ROW}", ctx.path(handoff.TINYMIM_FINETUNE_DIR, TEACHER_ROW),
+                          body)["eval"]
+
+
 def results_table(rows: list[dict], metric: str) -> str:
     """Markdown: run, target, teacher block, distillation loss before/after, fine-tuned metric."""
     lines = [f"| student | target | teacher block | distill loss (init -> final) | fine-tuned {metric} |",
@@ -419,10 +443,8 @@ def results_table(rows: list[dict], metric: str) -> str:
         loss = "-"
         if r.get("initial") and r.get("final"):
             loss = f"{r['initial']['distill_loss']:.4f} -> {r['final']['distill_loss']:.4f}"
-        value = r["finetune"].get(metric)
-        lines.append(f"| {r['name']} | {target} | {block} | {loss} | "
-                     f"{'-' if value is None else f'{100 * value:.2f}'} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['name']} | {target} | {block} | {loss} | {metrics.format_accuracy(r['finetune'], metric)} |")
+    return "\n".join(lines + ["", metrics.STANDARD_ERROR_NOTE])
 
 
 def finetune_student(ctx: common.RunContext) -> stages.StageOutput:
@@ -445,6 +467,10 @@ def finetune_student(ctx: common.RunContext) -> stages.StageOutput:
         result = finetune_one(ctx, SCRATCH, scratch_checkpoint(ctx, setup))
         rows.append({"name": SCRATCH, "target": SCRATCH, "teacher_block": None, "paper_only": False,
                      "finetune": result["eval"]})
+    teacher_eval = teacher_evaluation(ctx, setup)
+    if teacher_eval is not None:
+        rows.insert(0, {"name": TEACHER_ROW, "target": "- (the frozen teacher itself, not fine-tuned)",
+                        "teacher_block": None, "paper_only": False, "finetune": teacher_eval})
     metric = ctx.metric
     table = results_table(rows, metric)
     if common.is_chief():
@@ -505,16 +531,26 @@ def validate_student_finetune(config) -> None:
     cv.check(isinstance(f.remat, bool), "student_finetune.remat", "True or False", f.remat)
 
 
+def compared_distill(results: dict) -> list[seeds.Compared]:
+    return [seeds.Compared(r["name"], "distill loss at the end", r["final"]["distill_loss"], accuracy=False)
+            for r in results["runs"] if r.get("final")]
+
+
+def compared_finetune(results: dict) -> list[seeds.Compared]:
+    metric = results["metric"]
+    return [seeds.Compared(r["name"], f"fine-tuned {metric}", r["finetune"][metric]) for r in results["rows"]]
+
+
 STAGES = (
     stages.Stage("relation_distill", folder=handoff.TINYMIM_DIR, section="tinymim", run=relation_distill,
                  validate=validate_tinymim, global_batches=("tinymim.batch_size",), reads=("teacher.checkpoint", "teacher.dtype"),
                  needs=(stages.Need("pretrain_teacher", "the teacher npz (config.teacher.checkpoint='pretrain')",
                                     handoff.uses_pretrained_teacher),),
-                 outputs="`<target>/student.npz` (an AugReg npz), `scratch/student.npz`"),
+                 outputs="`<target>/student.npz` (an AugReg npz), `scratch/student.npz`", compared=compared_distill),
     # It re-reads config.tinymim for the run list and the scratch student's architecture.
     stages.Stage("finetune_student", folder=handoff.TINYMIM_FINETUNE_DIR, section="student_finetune",
                  run=finetune_student, validate=validate_student_finetune, reads=("tinymim.",),
                  global_batches=("student_finetune.batch_size",),
                  needs=(stages.Need("relation_distill", "the distilled students"),),
-                 outputs="`<student>/summary.json` (fine-tuned accuracy)"),
+                 outputs="`<student>/summary.json` (fine-tuned accuracy)", compared=compared_finetune),
 )
