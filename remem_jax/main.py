@@ -5,6 +5,8 @@ outputs there; a re-run resumes from the checkpoints and skips finished work.
 Each stage writes its results to `DIR/<its folder>/results.json` and its table to
 `DIR/<its folder>/results.md`; `DIR/results.json` holds every stage's results and
 `DIR/results.md` every stage's table in run order; TensorBoard summaries go to `DIR`.
+With `config.seeds` > 1 the stages run once per seed in `DIR/seeds/seed_<s>/` (each a complete run
+directory) and `DIR`'s tables give each compared number's mean and spread (`train/seeds.py`).
 The stages are those of the stage table (`remem_jax.train.stages`).
 
 Mistakes in the input (an unknown config field or value, a missing checkpoint or

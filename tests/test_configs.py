@@ -256,6 +256,17 @@ def test_sentinel_validation_names_the_field(field, value, match):
         config_validation.validate(config, STAGES)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("seeds", 0, r"config.seeds must be a positive integer, got 0\."),
+    ("seed", -1, r"config.seed must be an integer >= 0, got -1\."),
+])
+def test_seed_fields_are_validated(field, value, match):
+    config = common.get_config()
+    config[field] = value
+    with pytest.raises(UserError, match=match):
+        config_validation.validate(config, STAGES)
+
+
 def test_few_shot_fraction_and_per_class_are_exclusive():
     config = common.get_config()
     config.data.few_shot_fraction, config.data.few_shot_per_class = 0.1, 5

@@ -89,3 +89,10 @@ def test_aggregate_refuses_seeds_that_compared_different_rows():
     b = [seeds.Compared("y", "top1", 0.5)]
     with pytest.raises(ValueError, match="compared different rows"):
         seeds.aggregate([a, b])
+
+
+def test_a_finished_two_seed_run_is_read_back_not_redone(two_seed_run):
+    results, workdir, _ = two_seed_run
+    again = main.run(two_seed_config(), str(workdir))
+    assert again["pretrain_teacher"] == results["pretrain_teacher"]
+    assert again["seeds"]["1"]["pretrain_teacher"]["eval"] == results["seeds"]["1"]["pretrain_teacher"]["eval"]
