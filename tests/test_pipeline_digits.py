@@ -1,5 +1,6 @@
 """The embedded default end to end at a reduced step count: pretrain -> ReMem/vanilla -> students."""
 import json
+import math
 import os
 
 from configs import digits
@@ -41,6 +42,14 @@ def test_digits_pipeline_end_to_end(tmp_path):
         assert row["student_eval"]["top1"] > 3 * CHANCE, row
     table = open(tmp_path / "results.md").read()
     assert "| remem | 20 |" in table and "Best student:" in table and "selected on the eval (test) split" in table
+    # Every accuracy of every stage's table carries its binomial standard error (by hand: sqrt(p (1 - p) / n)).
+    scratch = rows[-1]["student_eval"]
+    se = math.sqrt(scratch["top1"] * (1 - scratch["top1"]) / 450)
+    assert f"| scratch | - | - | resnet18 | scratch | {100 * scratch['top1']:.2f} ± {100 * se:.2f} |" in table
+    teacher = results["finetune_teacher"]["remem"]["kept"][-1]
+    assert f"{100 * teacher['top1']:.2f} ± {100 * math.sqrt(teacher['top1'] * (1 - teacher['top1']) / 450):.2f}" in table
+    assert table.count("Data: digits, 10 classes; trained on the whole train split (1,347 images); "
+                       "evaluated on test (450 images).") == 3  # pretrain, finetune, distill
     assert os.path.exists(tmp_path / "best_student" / "student.npz")
     assert json.load(open(tmp_path / "best_student" / "verification.json"))["formats"]["stablehlo"]["passed"]
     on_disk = json.load(open(tmp_path / "results.json"))
