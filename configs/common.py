@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # None: whole train split; f in (0, 1]: class-stratified fraction of it (>= 1 per class)
     c.data.few_shot_per_class = ml_collections.FieldReference(None, field_type=int)  # None: off; N: N train examples per class (exclusive with few_shot_fraction)
     c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)
-    c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ class sub-folders
+    c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ (or val/) class sub-folders
     c.data.imagenet_lt_train_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_train.txt
     c.data.image_folder_metric = "top1"  # metric of the image_folder dataset: 'top1' or 'mean_per_class'
     c.data.imagenet_lt_eval_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_val.txt (paper's 20k) or _test.txt

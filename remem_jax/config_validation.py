@@ -81,7 +81,8 @@ def global_batches(c, stages: Mapping[str, Any], num_devices: int) -> None:
 
 # Registry kinds whose data is wherever the user says: the fields that must say it.
 _REQUIRED_DATA_PATHS = {
-    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg"},
+    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg "
+                                     "(or val/<class>/*.jpg)"},
     "imagenet_lt": {"imagenet_lt_train_list": "the path of ImageNet_LT_train.txt",
                     "imagenet_lt_eval_list": "the path of ImageNet_LT_val.txt or ImageNet_LT_test.txt"},
 }

@@ -62,7 +62,7 @@ def test_config_argument_passes_through_the_command_line():
 
 @pytest.mark.parametrize("dataset,field,match", [
     ("image_folder", "image_folder", r"config.data.image_folder must be a folder holding train/<class>/\*.jpg and "
-     r"test/<class>/\*.jpg \(dataset 'image_folder'\), got None\."),
+     r"test/<class>/\*.jpg \(or val/<class>/\*.jpg\) \(dataset 'image_folder'\), got None\."),
     ("imagenet_lt", "imagenet_lt_train_list", r"config.data.imagenet_lt_train_list must be the path of "
      r"ImageNet_LT_train.txt \(dataset 'imagenet_lt'\), got None\."),
     ("imagenet_lt", "imagenet_lt_eval_list", r"config.data.imagenet_lt_eval_list must be the path of "

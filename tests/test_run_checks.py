@@ -140,7 +140,7 @@ def test_skipped_images_are_counted_in_every_stage_result(tmp_path, fake_stages)
     c.data.image_folder = root
     c.data.skip_bad_images = True
     results = main.run(c, str(tmp_path / "run"))
-    assert results["data"] == {"dataset": "image_folder", "skipped_bad_images": {"train": 1, "test": 0},
+    assert results["data"] == {"dataset": "image_folder", "eval_split": "test", "skipped_bad_images": {"train": 1, "test": 0},
                                "skipped_files": [bad]}
     assert results["finetune_teacher"]["skipped_bad_images"] == {"train": 1, "test": 0}
     assert json.load(open(tmp_path / "run" / "results.json"))["pretrain_teacher"]["skipped_bad_images"]["train"] == 1

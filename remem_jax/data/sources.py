@@ -177,7 +177,7 @@ def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
     if not tf.io.gfile.isdir(split_dir):
         raise DataNotFoundError(
             f"Image folder split {split_dir!r} does not exist. config.data.image_folder must "
-            "contain train/ and test/ sub-folders, each with one sub-folder of images per class.")
+            "contain train/ and test/ (or val/) sub-folders, each with one sub-folder of images per class.")
     found = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
                    if tf.io.gfile.isdir(os.path.join(split_dir, d)))
     if not found:
@@ -278,17 +278,54 @@ def _drop_undecodable(split_dir: str, classes: list[str], paths: np.ndarray, lab
     return paths[keep], labels[keep], sorted(bad)
 
 
+def _image_folder_root(cfg) -> str:
+    root = cfg.image_folder
+    if not root:
+        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
+                                "folder with train/<class>/*.jpg and test/<class>/*.jpg (or val/<class>/*.jpg).")
+    return root
+
+
+# Image folder roots whose eval split choice was logged in this process (it is made on every source build).
+_EVAL_SPLIT_LOGGED: set[tuple[str, str]] = set()
+
+EVAL_SPLIT_FOLDERS = ("test", "val")
+
+
+def image_folder_eval_split(cfg) -> str:
+    """The eval split folder of the image_folder dataset: 'test', or 'val' when there is no test/.
+
+    ImageNet's layout (and many others) has val/ instead of test/. When both exist, test/ is used
+    and val/ is ignored (logged). The choice is logged once per process and recorded in the
+    run's results by `check_ready` ('eval_split').
+
+    Raises:
+      DataNotFoundError: config.data.image_folder is unset, or has neither test/ nor val/.
+    """
+    import tensorflow as tf
+
+    root = _image_folder_root(cfg)
+    found = [name for name in EVAL_SPLIT_FOLDERS if tf.io.gfile.isdir(os.path.join(root, name))]
+    if not found:
+        raise DataNotFoundError(
+            f"Image folder config.data.image_folder={root!r} has no eval split: expected "
+            f"{os.path.join(root, 'test')!r} or {os.path.join(root, 'val')!r} (one sub-folder of images "
+            "per class, as in train/), found neither.")
+    split = found[0]
+    if (root, split) not in _EVAL_SPLIT_LOGGED:
+        _EVAL_SPLIT_LOGGED.add((root, split))
+        ignored = f"; {os.path.join(root, 'val')} is ignored (test/ wins)" if len(found) > 1 else ""
+        logging.info("image_folder: evaluating on %s%s.", os.path.join(root, split), ignored)
+    return split
+
+
 def image_folder_split(cfg, split: str, classes: Optional[list[str]] = None):
     """(classes, paths, labels, skipped files) of `<config.data.image_folder>/<split>`.
 
     Undecodable images are dropped (and returned as skipped) when
     config.data.skip_bad_images is set; otherwise nothing is decoded here.
     """
-    root = cfg.image_folder
-    if not root:
-        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
-                                "folder with train/<class>/*.jpg and test/<class>/*.jpg.")
-    split_dir = os.path.join(root, split)
+    split_dir = os.path.join(_image_folder_root(cfg), split)
     classes, paths, labels = list_image_folder(split_dir, classes)
     if cfg.skip_bad_images:
         return (classes, *_drop_undecodable(split_dir, classes, paths, labels))
@@ -300,7 +337,7 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
     test = {}
 
     def eval_labels():
-        test["split"] = image_folder_split(cfg, "test", classes)[1:3]
+        test["split"] = image_folder_split(cfg, image_folder_eval_split(cfg), classes)[1:3]
         return test["split"][1]
 
     which, idx = _select(cfg, role, train_labels, eval_labels)
@@ -311,10 +348,7 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
 
 def image_folder_num_classes(cfg) -> int:
     """Number of classes of the image_folder dataset (the sub-folders of train/)."""
-    root = cfg.image_folder
-    if not root:
-        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder.")
-    return len(list_image_folder(os.path.join(root, "train"))[0])
+    return len(list_image_folder(os.path.join(_image_folder_root(cfg), "train"))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,14 +634,16 @@ def _check_tfds_prepared(spec: DatasetSpec, cfg, tfds_name: str, splits: list[st
 def check_ready(data_config, dataset: str) -> dict[str, Any]:
     """Checks that `dataset` is prepared, before a run fetches or trains anything.
 
-    Cheap checks only: prepared TFDS data (and its splits), the image folders (listed, classes
-    matched, no empty class folder; with `skip_bad_images` the one decode pass that finds the
-    images to skip), the ImageNet-LT list files and their image root. Only the splits the run
-    reads are checked (no test split with `validation_percent`).
+    Cheap checks only: prepared TFDS data (and its splits), the image folders (train/ and the eval
+    split, test/ or else val/: listed, classes matched, no empty class folder; with
+    `skip_bad_images` the one decode pass that finds the images to skip), the ImageNet-LT list
+    files and their image root. Only the splits the run reads are checked (no eval split with
+    `validation_percent`).
 
     Returns:
-      A report for the run's results: {'dataset': name} plus, with skip_bad_images,
-      'skipped_bad_images' (count per split) and 'skipped_files'.
+      A report for the run's results: {'dataset': name}, plus for image folders evaluated on their
+      own eval split 'eval_split' ('test' or 'val'), plus with skip_bad_images 'skipped_bad_images'
+      (count per split folder) and 'skipped_files'.
 
     Raises:
       UnknownDatasetError, DataNotFoundError, DataError: what is missing or wrong, by name.
@@ -619,7 +655,8 @@ def check_ready(data_config, dataset: str) -> dict[str, Any]:
         classes, _, _, skipped_train = image_folder_split(data_config, "train")
         skipped = {"train": skipped_train}
         if need_eval:
-            skipped["test"] = image_folder_split(data_config, "test", classes)[3]
+            report["eval_split"] = image_folder_eval_split(data_config)
+            skipped[report["eval_split"]] = image_folder_split(data_config, report["eval_split"], classes)[3]
         if data_config.skip_bad_images:
             report["skipped_bad_images"] = {k: len(v) for k, v in skipped.items()}
             report["skipped_files"] = sorted(f for v in skipped.values() for f in v)
