@@ -118,3 +118,38 @@ def test_tfds_few_shot_materialises_subset():
         assert len(np.unique(src.records[1])) == len(src.records[1]) == src.num_examples
         batch = next(pipeline.make_train_iterator(cfg, "cifar10", global_batch_size=8, seed=0))
         assert batch["image"].shape == (8, 1, 16, 16, 3)
+
+
+def test_eval_subset_source_is_the_stratified_subset_of_the_eval_split():
+    def build(cfg, **kw):
+        return sources.build_source(cfg, "digits", "eval", process_index=0, process_count=1, **kw)
+    for cfg in (helpers.data_config(), helpers.data_config(validation_percent=20)):  # test split, held-out part
+        full, sub = build(cfg), build(cfg, eval_examples=40)
+        idx = fewshot.stratified_subset_indices(full.records[1], 40)
+        assert sub.total_examples == 40 and sub.shared
+        np.testing.assert_array_equal(sub.records[0], full.records[0][idx])
+        np.testing.assert_array_equal(sub.records[1], full.records[1][idx])
+        np.testing.assert_array_equal(build(cfg, eval_examples=full.total_examples + 1).records[0], full.records[0])
+    ev = pipeline.make_eval_data(helpers.data_config(image_size=16), "digits", global_batch_size=16, eval_examples=40)
+    assert ev.total_examples == 40 and sum(int(b["mask"].sum()) for b in ev) == 40
+    with pytest.raises(ValueError, match="eval_examples selects from the eval split; got it for role 'train'"):
+        sources.build_source(helpers.data_config(), "digits", "train", eval_examples=40, process_index=0,
+                             process_count=1)
+
+
+def test_tfds_eval_subset_is_kept_in_memory_each_host_its_share():
+    with tfds.testing.mock_data(num_examples=40):
+        cfg = helpers.data_config(image_size=16)
+        full = sources.build_source(cfg, "cifar10", "eval", process_index=0, process_count=1)
+        assert full.stream_fn is not None  # the whole split stays a stream
+        examples = list(full.stream_fn().as_numpy_iterator())
+        labels = np.array([int(ex["label"]) for ex in examples])
+        idx = fewshot.stratified_subset_indices(labels, 12)
+        parts = [sources.build_source(cfg, "cifar10", "eval", eval_examples=12, process_index=p, process_count=2)
+                 for p in range(2)]
+        assert [p.host_counts for p in parts] == [(6, 6)] * 2
+        for p, part in enumerate(parts):  # host p: the subset's examples [p::2], in split order
+            np.testing.assert_array_equal(part.records[1], labels[idx[p::2]])
+            assert list(part.records[0]) == [examples[i]["image"] for i in idx[p::2]]
+        ev = pipeline.make_eval_data(cfg, "cifar10", global_batch_size=8, eval_examples=12)
+        assert sum(int(b["mask"].sum()) for b in ev) == 12

@@ -106,17 +106,28 @@ def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
                                     seed=cfg.few_shot_seed)
 
 
-def _select(cfg, role: str, train_labels: np.ndarray,
-            eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
-    """Returns (which split to read: 'train'|'eval', indices into it) for `role`."""
+def _eval_subset(idx: np.ndarray, labels: np.ndarray, eval_examples: Optional[int]) -> np.ndarray:
+    """`idx`, or its fixed class-stratified subset of `eval_examples` (`labels`: the labels of `idx`)."""
+    if eval_examples is None:
+        return idx
+    return idx[fewshot.stratified_subset_indices(labels, eval_examples)]
+
+
+def _select(cfg, role: str, train_labels: np.ndarray, eval_labels_fn: Callable[[], np.ndarray],
+            eval_examples: Optional[int] = None) -> tuple[str, np.ndarray]:
+    """Returns (which split to read: 'train'|'eval', indices into it) for `role`.
+
+    `eval_examples` (role 'eval'): keep a fixed class-stratified subset of that many examples.
+    """
     percent = cfg.validation_percent
     if percent:
         train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
         if role == "eval":
-            return "train", held_idx
+            return "train", _eval_subset(held_idx, train_labels[held_idx], eval_examples)
         idx = train_idx
     elif role == "eval":
-        return "eval", np.arange(len(eval_labels_fn()), dtype=np.int64)
+        labels = eval_labels_fn()
+        return "eval", _eval_subset(np.arange(len(labels), dtype=np.int64), labels, eval_examples)
     else:
         idx = np.arange(len(train_labels), dtype=np.int64)
     if _few_shot_requested(cfg):
@@ -134,11 +145,11 @@ def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths)
 # --------------------------------------------------------------------------------------------
 # Offline digits.
 
-def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _digits_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     splits = digits_lib.load_digits_encoded(int(cfg.digits_source_size),
                                             float(cfg.digits_test_fraction),
                                             int(cfg.digits_split_seed))
-    which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
+    which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1], eval_examples)
     data, labels = splits["train" if which == "train" else "test"]
     return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False)
 
@@ -332,7 +343,7 @@ def image_folder_split(cfg, split: str, classes: Optional[list[str]] = None):
     return classes, paths, labels, []
 
 
-def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _folder_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     classes, train_paths, train_labels, _ = image_folder_split(cfg, "train")
     test = {}
 
@@ -340,7 +351,7 @@ def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
         test["split"] = image_folder_split(cfg, image_folder_eval_split(cfg), classes)[1:3]
         return test["split"][1]
 
-    which, idx = _select(cfg, role, train_labels, eval_labels)
+    which, idx = _select(cfg, role, train_labels, eval_labels, eval_examples)
     data, labels = (train_paths, train_labels) if which == "train" else test["split"]
     return _record_source(spec.name, len(classes), cfg.image_folder_metric, data,
                           labels, idx, True)
@@ -485,12 +496,19 @@ def _materialize(ds, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images.append(image)
         labels.append(label)
     if len(images) != len(indices):
-        raise RuntimeError(f"Few-shot materialisation found {len(images)} of {len(indices)} "
+        raise RuntimeError(f"Materialising a subset found {len(images)} of {len(indices)} "
                            "selected examples; the split changed between the two passes.")
     return np.array(images, dtype=object), np.array(labels, dtype=np.int32)
 
 
-def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _materialized_subset(spec: DatasetSpec, full, idx: np.ndarray, pi: int, pc: int) -> Source:
+    """The examples `idx` (positions) of the TFDS dataset `full`; this host keeps its share idx[pi::pc]."""
+    data, labels = _materialize(full, idx[pi::pc])
+    return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
+                  host_counts=tuple(len(idx[p::pc]) for p in range(pc)), process_index=pi, records=(data, labels))
+
+
+def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     builder = _builder(spec, cfg)
     train_split, eval_split = spec.train_split, spec.eval_split
     percent = cfg.validation_percent
@@ -502,13 +520,14 @@ def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
         # Cost: one label-only pass over the train split (images stay encoded), then a second
         # pass that keeps the selected examples' encoded bytes in host memory.
         full = _as_dataset(builder, spec, cfg, split)
-        idx = _few_shot(cfg, read_labels(full))
-        counts = tuple(len(idx[p::pc]) for p in range(pc))
-        data, labels = _materialize(full, idx[pi::pc])
-        return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
-                      host_counts=counts, process_index=pi, records=(data, labels))
+        return _materialized_subset(spec, full, _few_shot(cfg, read_labels(full)), pi, pc)
     host_splits = [_host_split(split, p, pc) for p in range(pc)]
     counts = tuple(_cardinality(_as_dataset(builder, spec, cfg, s)) for s in host_splits)
+    if role == "eval" and eval_examples is not None and eval_examples < sum(counts):
+        # The same two passes over the eval split, once, when the data is built.
+        full = _as_dataset(builder, spec, cfg, split)
+        return _materialized_subset(spec, full, _eval_subset(np.arange(sum(counts)), read_labels(full),
+                                                             eval_examples), pi, pc)
 
     def stream_fn():
         return _as_dataset(builder, spec, cfg, host_splits[pi]).map(_image_label)
@@ -550,7 +569,7 @@ def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np
     return np.array(paths, dtype=object), np.array(labels, dtype=np.int32)
 
 
-def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     import tensorflow as tf
 
     train_paths, train_labels = read_list_file(cfg.imagenet_lt_train_list,
@@ -562,7 +581,7 @@ def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
                                        "imagenet_lt_eval_list")
         return lists["eval"][1]
 
-    which, idx = _select(cfg, role, train_labels, eval_labels)
+    which, idx = _select(cfg, role, train_labels, eval_labels, eval_examples)
     rel, labels = (train_paths, train_labels) if which == "train" else lists["eval"]
     root = cfg.imagenet_lt_image_root
     if root:
@@ -685,14 +704,18 @@ _BUILDERS = {"digits": _digits_source, "image_folder": _folder_source, "tfds": _
              "imagenet_lt": _imagenet_lt_source}
 
 
-def build_source(data_config, dataset: str, role: str, *, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> Source:
+def build_source(data_config, dataset: str, role: str, *, eval_examples: Optional[int] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None) -> Source:
     """Builds this host's source of the `role` split of `dataset`.
 
     Args:
       data_config: the config.data section.
       dataset: registry name.
       role: 'train' (validation hold-out and few-shot applied) or 'eval'.
+      eval_examples: role 'eval' only: a fixed class-stratified subset of this many examples of
+        the eval split (`fewshot.stratified_subset_indices`, identical on every host and run);
+        None, or at least the split's size: all of it. A TFDS split then costs one label pass and
+        one pass that keeps the subset's encoded images in host memory (each host its share).
       process_index, process_count: host identity; default jax.process_index()/process_count().
 
     Returns:
@@ -700,11 +723,13 @@ def build_source(data_config, dataset: str, role: str, *, process_index: Optiona
     """
     if role not in ("train", "eval"):
         raise ValueError(f"role must be 'train' or 'eval', got {role!r}.")
+    if eval_examples is not None and role != "eval":
+        raise ValueError(f"eval_examples selects from the eval split; got it for role {role!r}.")
     spec = get_spec(dataset)
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count)
+    source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count, eval_examples)
     if source.total_examples == 0:
         raise DataError(f"Dataset {dataset!r} {role} split has no examples.")
     return source
