@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir: hand-downloaded archives (resisc45, retinopathy, imagenet)
     c.data.shuffle_buffer = 10_000    # shuffle buffer of streamed TFDS splits, encoded images (record sources shuffle fully)
     c.data.validation_percent = 0     # 0: eval on the test split; k: train on train[:100-k%], eval on train[100-k%:]
+    c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: every evaluation uses the whole eval split; n: those every eval_every steps use a fixed class-stratified subset of n (kept and final steps: all)
     c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # None: whole train split; f in (0, 1]: class-stratified fraction of it (>= 1 per class)
     c.data.few_shot_per_class = ml_collections.FieldReference(None, field_type=int)  # None: off; N: N train examples per class (exclusive with few_shot_fraction)
     c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)

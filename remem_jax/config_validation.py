@@ -121,6 +121,7 @@ def validate(config: ml_collections.ConfigDict, stages: Mapping[str, Any]) -> No
     check(data.few_shot_fraction is None or data.few_shot_per_class is None, "data.few_shot_per_class",
           f"None when data.few_shot_fraction is set ({data.few_shot_fraction})", data.few_shot_per_class)
     optional_positive_int(config, "data.num_parallel_calls", "tf.data.AUTOTUNE")
+    optional_positive_int(config, "data.eval_examples", "every evaluation uses the whole eval split")
     one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     one_of("teacher.dtype", config.teacher.dtype, DTYPES)

@@ -126,6 +126,7 @@ def test_shared_fields_protect_every_started_stage():
     assert set(stages_lib.stages_reading("finetune.lr", table)) == {"finetune_teacher", "analyze"}
     assert set(stages_lib.stages_reading("tinymim.steps", table)) == {"relation_distill", "finetune_student"}
     assert workdir_lib.is_result_neutral("distill.log_every") and not workdir_lib.is_result_neutral("data.image_size")
+    assert workdir_lib.is_result_neutral("data.eval_examples")  # only the evaluations between kept steps
 
 
 def test_skipped_images_are_counted_in_every_stage_result(tmp_path, fake_stages):
