@@ -15,6 +15,10 @@ stream gives host p `tfds.even_splits(split, process_count)[p]`, and a few-shot 
 split (whose bytes may be large) the indices [p::process_count]. `host_counts` holds every host's
 count so that eval can pad all hosts to the same number of batches without communication.
 
+An eval source may be a fixed class-stratified subset of the eval split (`build_source(...,
+eval_examples=n)`, for the evaluations during training): selected by `_select` on the labels of
+a record table, or, for a TFDS stream, after one label pass, kept as records like a few-shot subset.
+
 `check_ready` checks, cheaply and before anything else of a run happens, that the configured
 dataset exists on disk (prepared TFDS data, image folders, list files).
 
@@ -526,8 +530,8 @@ def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     if role == "eval" and eval_examples is not None and eval_examples < sum(counts):
         # The same two passes over the eval split, once, when the data is built.
         full = _as_dataset(builder, spec, cfg, split)
-        return _materialized_subset(spec, full, _eval_subset(np.arange(sum(counts)), read_labels(full),
-                                                             eval_examples), pi, pc)
+        return _materialized_subset(spec, full, fewshot.stratified_subset_indices(read_labels(full), eval_examples),
+                                    pi, pc)
 
     def stream_fn():
         return _as_dataset(builder, spec, cfg, host_splits[pi]).map(_image_label)
