@@ -25,10 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS manual_dir: hand-downloaded archives (resisc45, retinopathy, imagenet)
     c.data.shuffle_buffer = 10_000    # shuffle buffer of streamed TFDS splits, encoded images (record sources shuffle fully)
     c.data.validation_percent = 0     # 0: eval on the test split; k: train on train[:100-k%], eval on train[100-k%:]
+    c.data.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: every evaluation uses the whole eval split; n: those every eval_every steps use a fixed class-stratified subset of n (kept and final steps: all)
     c.data.few_shot_fraction = ml_collections.FieldReference(None, field_type=float)  # the few-shot subset, read by fewshot_distill only (every other stage trains on the whole train split); None: whole split; f in (0, 1]: class-stratified fraction (>= 1 per class)
     c.data.few_shot_per_class = ml_collections.FieldReference(None, field_type=int)  # None: off; N: N train examples per class (exclusive with few_shot_fraction)
     c.data.few_shot_seed = 12         # seed of the few-shot subset (12: WeCoLoRA's random_state; identical on every host and run)
-    c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ class sub-folders
+    c.data.image_folder = ml_collections.FieldReference(None, field_type=str)  # root with train/ and test/ (or val/) class sub-folders
     c.data.imagenet_lt_train_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_train.txt
     c.data.image_folder_metric = "top1"  # metric of the image_folder dataset: 'top1' or 'mean_per_class'
     c.data.imagenet_lt_eval_list = ml_collections.FieldReference(None, field_type=str)  # ImageNet_LT_val.txt (paper's 20k) or _test.txt

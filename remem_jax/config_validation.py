@@ -81,7 +81,8 @@ def global_batches(c, stages: Mapping[str, Any], num_devices: int) -> None:
 
 # Registry kinds whose data is wherever the user says: the fields that must say it.
 _REQUIRED_DATA_PATHS = {
-    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg"},
+    "image_folder": {"image_folder": "a folder holding train/<class>/*.jpg and test/<class>/*.jpg "
+                                     "(or val/<class>/*.jpg)"},
     "imagenet_lt": {"imagenet_lt_train_list": "the path of ImageNet_LT_train.txt",
                     "imagenet_lt_eval_list": "the path of ImageNet_LT_val.txt or ImageNet_LT_test.txt"},
 }
@@ -122,6 +123,7 @@ def validate(config: ml_collections.ConfigDict, stages: Mapping[str, Any]) -> No
     check(data.few_shot_fraction is None or data.few_shot_per_class is None, "data.few_shot_per_class",
           f"None when data.few_shot_fraction is set ({data.few_shot_fraction})", data.few_shot_per_class)
     optional_positive_int(config, "data.num_parallel_calls", "tf.data.AUTOTUNE")
+    optional_positive_int(config, "data.eval_examples", "every evaluation uses the whole eval split")
     one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     one_of("teacher.dtype", config.teacher.dtype, DTYPES)

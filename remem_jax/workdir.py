@@ -35,6 +35,7 @@ LOCK_FILE = "run.lock"
 RESULT_NEUTRAL_FIELDS = (
     "*.log_every",           # progress lines and summaries
     "*.eval_every",          # extra evaluations (kept and final steps are always evaluated)
+    "data.eval_examples",    # the subset of those extra evaluations (kept and final steps: the whole split)
     "*.checkpoint_every",    # resume checkpoints (kept steps are always saved)
     "data.prefetch",         # tf.data buffering; batches are deterministic
     "data.num_parallel_calls",  # tf.data parallelism; every random op is keyed per example

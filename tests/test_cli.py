@@ -44,7 +44,7 @@ def test_user_errors_end_with_one_line(tmp_path, overrides, message):
 @pytest.mark.parametrize("config,message", [
     # The argument after ':' reaches get_config: image_folder's required path is what is missing.
     ("configs/remem.py:image_folder", "config.data.image_folder must be a folder holding train/<class>/*.jpg and "
-     "test/<class>/*.jpg (dataset 'image_folder'), got None."),
+     "test/<class>/*.jpg (or val/<class>/*.jpg) (dataset 'image_folder'), got None."),
     ("configs/remem.py:mnist", "remem_jax: error: Unknown dataset 'mnist'. Known datasets: caltech101, cars196, "),
     ("configs/remem.py", "remem_jax: error: configs/remem.py needs a dataset name: "
      "--config=configs/remem.py:<dataset>, <dataset> one of caltech101, "),

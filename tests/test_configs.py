@@ -62,7 +62,7 @@ def test_config_argument_passes_through_the_command_line():
 
 @pytest.mark.parametrize("dataset,field,match", [
     ("image_folder", "image_folder", r"config.data.image_folder must be a folder holding train/<class>/\*.jpg and "
-     r"test/<class>/\*.jpg \(dataset 'image_folder'\), got None\."),
+     r"test/<class>/\*.jpg \(or val/<class>/\*.jpg\) \(dataset 'image_folder'\), got None\."),
     ("imagenet_lt", "imagenet_lt_train_list", r"config.data.imagenet_lt_train_list must be the path of "
      r"ImageNet_LT_train.txt \(dataset 'imagenet_lt'\), got None\."),
     ("imagenet_lt", "imagenet_lt_eval_list", r"config.data.imagenet_lt_eval_list must be the path of "
@@ -212,16 +212,19 @@ def parse_cli(*args):
 def test_use_the_default_is_none_and_command_line_overrides_still_work():
     c = common.get_config()
     for field in ("pretrain.warmup_steps", "finetune.warmup_steps", "distill.warmup_steps", "distill.mixup_alpha",
-                  "data.num_parallel_calls", "pretrain.num_layers", "data.few_shot_fraction", "data.few_shot_per_class"):
+                  "data.num_parallel_calls", "pretrain.num_layers", "data.few_shot_fraction", "data.few_shot_per_class",
+                  "data.eval_examples"):
         section, key = field.split(".")
         assert c[section][key] is None, field
     config_file = os.path.join(CONFIG_DIR, "cifar100.py")
     c = parse_cli(f"--config={config_file}", "--config.finetune.warmup_steps=10", "--config.distill.warmup_steps=0",
                   "--config.pretrain.warmup_steps=7", "--config.distill.mixup_alpha=0", "--config.pretrain.num_layers=4",
-                  "--config.data.num_parallel_calls=3", "--config.data.few_shot_fraction=0.1")
+                  "--config.data.num_parallel_calls=3", "--config.data.few_shot_fraction=0.1",
+                  "--config.data.eval_examples=500")
     assert (c.finetune.warmup_steps, c.distill.warmup_steps, c.pretrain.warmup_steps) == (10, 0, 7)
     assert c.distill.mixup_alpha == 0.0 and isinstance(c.distill.mixup_alpha, float)
     assert (c.pretrain.num_layers, c.data.num_parallel_calls, c.data.few_shot_fraction) == (4, 3, 0.1)
+    assert c.data.eval_examples == 500
     assert c.to_dict()["finetune"]["warmup_steps"] == 10 and c.to_dict()["data"]["few_shot_per_class"] is None
     config_validation.validate(c, STAGES)
 
@@ -245,6 +248,9 @@ def test_defaults_the_none_fields_stand_for():
     ("data.few_shot_fraction", 0.0, r"config.data.few_shot_fraction must be None \(whole train split\) or in "
      r"\(0, 1\], got 0.0\."),
     ("data.few_shot_per_class", 0, r"config.data.few_shot_per_class must be None \(off\) or a positive integer, got 0\."),
+    ("data.eval_examples", 0, r"config.data.eval_examples must be None \(every evaluation uses the whole eval split\) "
+     r"or a positive integer, got 0\."),
+    ("data.eval_examples", -5, r"config.data.eval_examples must be None .* or a positive integer, got -5\."),
     ("finetune.log_every", 0, r"config.finetune.log_every must be a positive integer, got 0\."),
     ("distill.eval_every", -5, r"config.distill.eval_every must be an integer >= 0 \(0: only kept steps and the end\)"),
 ])

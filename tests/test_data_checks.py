@@ -67,7 +67,7 @@ def test_undecodable_test_image_is_named_by_eval(folder):
 def test_skip_bad_images_drops_and_counts_them(folder):
     not_jpeg, truncated = break_images(folder)
     report = sources.check_ready(cfg(folder, skip_bad_images=True), "image_folder")
-    assert report == {"dataset": "image_folder", "skipped_bad_images": {"train": 2, "test": 0},
+    assert report == {"dataset": "image_folder", "eval_split": "test", "skipped_bad_images": {"train": 2, "test": 0},
                       "skipped_files": sorted([not_jpeg, truncated])}
     data = pipeline.TrainData(cfg(folder, skip_bad_images=True), "image_folder", global_batch_size=8, seed=0)
     assert data.num_examples == 11
@@ -115,9 +115,45 @@ def test_empty_class_folder_names_the_folder(folder, split, extra):
 def test_check_ready_only_checks_the_splits_the_run_reads(folder, tmp_path):
     import shutil
     shutil.rmtree(os.path.join(folder, "test"))
-    with pytest.raises(DataNotFoundError, match="test' does not exist"):
+    with pytest.raises(DataNotFoundError, match="has no eval split"):
         sources.check_ready(cfg(folder), "image_folder")
     assert sources.check_ready(cfg(folder, validation_percent=20), "image_folder") == {"dataset": "image_folder"}
+
+
+def eval_count(root) -> int:
+    return sum(int(b["mask"].sum()) for b in pipeline.make_eval_data(cfg(root), "image_folder", global_batch_size=8))
+
+
+def test_val_is_the_eval_split_of_a_folder_without_test(folder, caplog):
+    os.rename(os.path.join(folder, "test"), os.path.join(folder, "val"))  # ImageNet's layout
+    caplog.set_level("INFO")
+    assert sources.image_folder_eval_split(cfg(folder)) == "val"
+    assert sources.check_ready(cfg(folder), "image_folder") == {"dataset": "image_folder", "eval_split": "val"}
+    assert eval_count(folder) == 5
+    assert f"image_folder: evaluating on {os.path.join(folder, 'val')}." in caplog.text
+
+
+def test_test_wins_over_val_and_val_is_said_to_be_ignored(folder, caplog):
+    write_folder(folder, "val", [1, 1], seed=2)
+    caplog.set_level("INFO")
+    assert sources.check_ready(cfg(folder), "image_folder")["eval_split"] == "test"
+    assert eval_count(folder) == 5  # test/'s 3 + 2, not val/'s 1 + 1
+    assert (f"image_folder: evaluating on {os.path.join(folder, 'test')}; {os.path.join(folder, 'val')} is "
+            "ignored (test/ wins).") in caplog.text
+
+
+def test_a_folder_with_neither_test_nor_val_names_both(folder):
+    import shutil
+    shutil.rmtree(os.path.join(folder, "test"))
+    test, val = os.path.join(folder, "test"), os.path.join(folder, "val")
+    expected = (f"Image folder config.data.image_folder={folder!r} has no eval split: expected {test!r} or {val!r} "
+                "(one sub-folder of images per class, as in train/), found neither.")
+    with pytest.raises(DataNotFoundError) as info:
+        sources.check_ready(cfg(folder), "image_folder")
+    assert str(info.value) == expected
+    with pytest.raises(DataNotFoundError) as info:
+        pipeline.make_eval_data(cfg(folder), "image_folder", global_batch_size=8)
+    assert str(info.value) == expected
 
 
 def test_check_ready_names_unprepared_tfds_data_and_missing_lists(tmp_path):

@@ -126,6 +126,7 @@ def test_shared_fields_protect_every_started_stage():
     assert set(stages_lib.stages_reading("finetune.lr", table)) == {"finetune_teacher", "analyze"}
     assert set(stages_lib.stages_reading("tinymim.steps", table)) == {"relation_distill", "finetune_student"}
     assert workdir_lib.is_result_neutral("distill.log_every") and not workdir_lib.is_result_neutral("data.image_size")
+    assert workdir_lib.is_result_neutral("data.eval_examples")  # only the evaluations between kept steps
 
 
 def test_skipped_images_are_counted_in_every_stage_result(tmp_path, fake_stages):
@@ -140,7 +141,7 @@ def test_skipped_images_are_counted_in_every_stage_result(tmp_path, fake_stages)
     c.data.image_folder = root
     c.data.skip_bad_images = True
     results = main.run(c, str(tmp_path / "run"))
-    assert results["data"] == {"dataset": "image_folder", "skipped_bad_images": {"train": 1, "test": 0},
+    assert results["data"] == {"dataset": "image_folder", "eval_split": "test", "skipped_bad_images": {"train": 1, "test": 0},
                                "skipped_files": [bad]}
     assert results["finetune_teacher"]["skipped_bad_images"] == {"train": 1, "test": 0}
     assert json.load(open(tmp_path / "run" / "results.json"))["pretrain_teacher"]["skipped_bad_images"]["train"] == 1

@@ -220,6 +220,52 @@ def test_the_evaluation_history_survives_a_resume(teacher_npz, tmp_path, monkeyp
     assert got["eval_history"] == want["eval_history"]
 
 
+def digits_test_examples(config) -> int:
+    from remem_jax.data import sources
+    return sources.build_source(config.data, config.dataset, "eval", process_index=0, process_count=1).total_examples
+
+
+def history_counts(run_dir) -> list[tuple]:
+    """(step, examples counted, 'eval_examples' marker) of each record of a sub-run's eval_history.json."""
+    return [(h["step"], h["num_examples"], h.get("eval_examples"))
+            for h in json.load(open(os.path.join(run_dir, runs.HISTORY)))]
+
+
+def test_eval_examples_subsets_the_evaluations_between_but_never_the_final_one(tmp_path):
+    """config.data.eval_examples: evaluations every eval_every steps count the fixed subset (and say so); the
+    final evaluation, the one a summary reports, counts the whole test split, also when a resumed run redoes it."""
+    def config():
+        c = tiny_config()
+        c.data.eval_examples = 50
+        c.pretrain.update(dict(num_layers=1, steps=6, batch_size=16, warmup_steps=1, eval_every=2,
+                               checkpoint_every=3, log_every=3))
+        return c
+    full = digits_test_examples(config())
+    assert full > 50
+    run_dir = tmp_path / handoff.PRETRAIN_DIR
+    summary = teacher.pretrain_teacher(context(config(), tmp_path, "pretrain")).results
+    assert history_counts(run_dir) == [(2, 50, 50), (4, 50, 50), (6, full, None)]
+    assert summary["eval"]["num_examples"] == full and "eval_examples" not in summary["eval"]
+    # A resumed run whose history lacks the final evaluation (restored at the final checkpoint) redoes it exactly.
+    history = json.load(open(run_dir / runs.HISTORY))
+    json.dump(history[:-1], open(run_dir / runs.HISTORY, "w"))
+    os.remove(run_dir / runs.SUMMARY)
+    again = teacher.pretrain_teacher(context(config(), tmp_path, "pretrain")).results
+    assert history_counts(run_dir) == [(2, 50, 50), (4, 50, 50), (6, full, None)]
+    assert again["eval"] == summary["eval"]
+
+
+def test_eval_examples_never_subsets_a_kept_step(teacher_npz, tmp_path):
+    """Kept teachers are reported with their accuracy (finetune and distill tables): exact at kept steps too."""
+    config = tiny_config(eval_every=2)
+    config.data.eval_examples = 50
+    full = digits_test_examples(config)
+    summary = teacher.finetune_teacher(context(config, tmp_path, teacher_npz)).results["remem"]
+    assert history_counts(tmp_path / "finetune" / "remem") == [(2, 50, 50), (3, full, None), (4, 50, 50),
+                                                               (6, full, None)]
+    assert [(k["step"], k["num_examples"]) for k in summary["kept"]] == [(3, full), (6, full)]
+
+
 @pytest.mark.parametrize("summary, message", [
     ({"eval": {}}, r"the final evaluation 'eval' is empty"),
     ({"eval": {"top1": float("nan")}}, r"summary.eval.top1 is nan"),

@@ -290,7 +290,7 @@ def num_train_examples(data_config, dataset: str, *, few_shot: bool = False) -> 
 
 
 class EvalData:
-    """One full, exact pass over an eval split per `iter()`.
+    """One full, exact pass over an eval split (or its fixed subset) per `iter()`.
 
     Every real example of this host appears exactly once with mask 1.0; the last batch is padded
     with zero images (mask 0.0) and every host yields `num_batches` batches (the maximum over
@@ -304,13 +304,14 @@ class EvalData:
     """
 
     def __init__(self, data_config, dataset: str, *, global_batch_size: int,
-                 source: Optional[sources_lib.Source] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None):
+                 source: Optional[sources_lib.Source] = None, eval_examples: Optional[int] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
+        """See `make_eval_data`; `source` (built by the caller) replaces `eval_examples`."""
         self._tf = _tf()
         self.config = data_config
         self.dataset = dataset
         self.local_batch_size, self._ld, self._pd = _host_layout(global_batch_size)
-        self.source = source or sources_lib.build_source(data_config, dataset, "eval")
+        self.source = source or sources_lib.build_source(data_config, dataset, "eval", eval_examples=eval_examples)
         self.total_examples = self.source.total_examples
         pi, pc = _host_slice(self.source, process_index, process_count)
         local = self.local_batch_size
@@ -372,19 +373,22 @@ class EvalData:
                 "does not match its metadata (or list files name missing images).")
 
 
-def make_eval_data(data_config, dataset: str, *, global_batch_size: int) -> EvalData:
+def make_eval_data(data_config, dataset: str, *, global_batch_size: int,
+                   eval_examples: Optional[int] = None) -> EvalData:
     """Exact, padded, re-iterable eval data (see `EvalData`).
 
     Args:
       data_config: the config.data section.
       dataset: registry name.
       global_batch_size: eval batch over all hosts (multiple of jax.device_count()).
+      eval_examples: None: the whole eval split; n: its fixed class-stratified subset of n
+        examples (`sources.build_source`), every one counted once as well.
 
     Returns:
       EvalData yielding {'image': float32 [ld, pd, S, S, 3], 'label': int32 [ld, pd],
       'mask': float32 [ld, pd]}.
     """
-    return EvalData(data_config, dataset, global_batch_size=global_batch_size)
+    return EvalData(data_config, dataset, global_batch_size=global_batch_size, eval_examples=eval_examples)
 
 
 def describe(data_config, dataset: str) -> dict[str, Any]:

@@ -15,6 +15,10 @@ stream gives host p `tfds.even_splits(split, process_count)[p]`, and a few-shot 
 split (whose bytes may be large) the indices [p::process_count]. `host_counts` holds every host's
 count so that eval can pad all hosts to the same number of batches without communication.
 
+An eval source may be a fixed class-stratified subset of the eval split (`build_source(...,
+eval_examples=n)`, for the evaluations during training): selected by `_select` on the labels of
+a record table, or, for a TFDS stream, after one label pass, kept as records like a few-shot subset.
+
 `check_ready` checks, cheaply and before anything else of a run happens, that the configured
 dataset exists on disk (prepared TFDS data, image folders, list files).
 
@@ -107,17 +111,28 @@ def _few_shot(cfg, labels: np.ndarray) -> np.ndarray:
                                     seed=cfg.few_shot_seed)
 
 
-def _select(cfg, role: str, train_labels: np.ndarray,
-            eval_labels_fn: Callable[[], np.ndarray]) -> tuple[str, np.ndarray]:
-    """Returns (which split to read: 'train'|'eval', indices into it) for `role` (see `build_source`)."""
+def _eval_subset(idx: np.ndarray, labels: np.ndarray, eval_examples: Optional[int]) -> np.ndarray:
+    """`idx`, or its fixed class-stratified subset of `eval_examples` (`labels`: the labels of `idx`)."""
+    if eval_examples is None:
+        return idx
+    return idx[fewshot.stratified_subset_indices(labels, eval_examples)]
+
+
+def _select(cfg, role: str, train_labels: np.ndarray, eval_labels_fn: Callable[[], np.ndarray],
+            eval_examples: Optional[int] = None) -> tuple[str, np.ndarray]:
+    """Returns (which split to read: 'train'|'eval', indices into it) for `role` (see `build_source`).
+
+    `eval_examples` (role 'eval'): keep a fixed class-stratified subset of that many examples.
+    """
     percent = cfg.validation_percent
     if percent:
         train_idx, held_idx = fewshot.holdout_indices(train_labels, percent)
         if role == "eval":
-            return "train", held_idx
+            return "train", _eval_subset(held_idx, train_labels[held_idx], eval_examples)
         idx = train_idx
     elif role == "eval":
-        return "eval", np.arange(len(eval_labels_fn()), dtype=np.int64)
+        labels = eval_labels_fn()
+        return "eval", _eval_subset(np.arange(len(labels), dtype=np.int64), labels, eval_examples)
     else:
         idx = np.arange(len(train_labels), dtype=np.int64)
     if role == "few_shot" and _few_shot_requested(cfg):
@@ -135,11 +150,11 @@ def _record_source(spec_name, num_classes, metric, data, labels, idx, are_paths)
 # --------------------------------------------------------------------------------------------
 # Offline digits.
 
-def _digits_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _digits_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     splits = digits_lib.load_digits_encoded(int(cfg.digits_source_size),
                                             float(cfg.digits_test_fraction),
                                             int(cfg.digits_split_seed))
-    which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1])
+    which, idx = _select(cfg, role, splits["train"][1], lambda: splits["test"][1], eval_examples)
     data, labels = splits["train" if which == "train" else "test"]
     return _record_source(spec.name, spec.num_classes, spec.metric, data, labels, idx, False)
 
@@ -178,7 +193,7 @@ def list_image_folder(split_dir: str, class_names: Optional[list[str]] = None
     if not tf.io.gfile.isdir(split_dir):
         raise DataNotFoundError(
             f"Image folder split {split_dir!r} does not exist. config.data.image_folder must "
-            "contain train/ and test/ sub-folders, each with one sub-folder of images per class.")
+            "contain train/ and test/ (or val/) sub-folders, each with one sub-folder of images per class.")
     found = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
                    if tf.io.gfile.isdir(os.path.join(split_dir, d)))
     if not found:
@@ -279,48 +294,77 @@ def _drop_undecodable(split_dir: str, classes: list[str], paths: np.ndarray, lab
     return paths[keep], labels[keep], sorted(bad)
 
 
+def _image_folder_root(cfg) -> str:
+    root = cfg.image_folder
+    if not root:
+        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
+                                "folder with train/<class>/*.jpg and test/<class>/*.jpg (or val/<class>/*.jpg).")
+    return root
+
+
+# Image folder roots whose eval split choice was logged in this process (it is made on every source build).
+_EVAL_SPLIT_LOGGED: set[tuple[str, str]] = set()
+
+EVAL_SPLIT_FOLDERS = ("test", "val")
+
+
+def image_folder_eval_split(cfg) -> str:
+    """The eval split folder of the image_folder dataset: 'test', or 'val' when there is no test/.
+
+    ImageNet's layout (and many others) has val/ instead of test/. When both exist, test/ is used
+    and val/ is ignored (logged). The choice is logged once per process and recorded in the
+    run's results by `check_ready` ('eval_split').
+
+    Raises:
+      DataNotFoundError: config.data.image_folder is unset, or has neither test/ nor val/.
+    """
+    import tensorflow as tf
+
+    root = _image_folder_root(cfg)
+    found = [name for name in EVAL_SPLIT_FOLDERS if tf.io.gfile.isdir(os.path.join(root, name))]
+    if not found:
+        raise DataNotFoundError(
+            f"Image folder config.data.image_folder={root!r} has no eval split: expected "
+            f"{os.path.join(root, 'test')!r} or {os.path.join(root, 'val')!r} (one sub-folder of images "
+            "per class, as in train/), found neither.")
+    split = found[0]
+    if (root, split) not in _EVAL_SPLIT_LOGGED:
+        _EVAL_SPLIT_LOGGED.add((root, split))
+        ignored = f"; {os.path.join(root, 'val')} is ignored (test/ wins)" if len(found) > 1 else ""
+        logging.info("image_folder: evaluating on %s%s.", os.path.join(root, split), ignored)
+    return split
+
+
 def image_folder_split(cfg, split: str, classes: Optional[list[str]] = None):
     """(classes, paths, labels, skipped files) of `<config.data.image_folder>/<split>`.
 
     Undecodable images are dropped (and returned as skipped) when
     config.data.skip_bad_images is set; otherwise nothing is decoded here.
     """
-    root = cfg.image_folder
-    if not root:
-        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder: a root "
-                                "folder with train/<class>/*.jpg and test/<class>/*.jpg.")
-    split_dir = os.path.join(root, split)
+    split_dir = os.path.join(_image_folder_root(cfg), split)
     classes, paths, labels = list_image_folder(split_dir, classes)
     if cfg.skip_bad_images:
         return (classes, *_drop_undecodable(split_dir, classes, paths, labels))
     return classes, paths, labels, []
 
 
-def _folder_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _folder_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     classes, train_paths, train_labels, _ = image_folder_split(cfg, "train")
     test = {}
 
     def eval_labels():
-        test["split"] = image_folder_split(cfg, "test", classes)[1:3]
+        test["split"] = image_folder_split(cfg, image_folder_eval_split(cfg), classes)[1:3]
         return test["split"][1]
 
-    which, idx = _select(cfg, role, train_labels, eval_labels)
+    which, idx = _select(cfg, role, train_labels, eval_labels, eval_examples)
     data, labels = (train_paths, train_labels) if which == "train" else test["split"]
     return _record_source(spec.name, len(classes), cfg.image_folder_metric, data,
                           labels, idx, True)
 
 
-def image_folder_eval_split(cfg) -> str:
-    """The eval split folder of an image folder dataset."""
-    return "test"
-
-
 def image_folder_num_classes(cfg) -> int:
     """Number of classes of the image_folder dataset (the sub-folders of train/)."""
-    root = cfg.image_folder
-    if not root:
-        raise DataNotFoundError("Dataset 'image_folder' needs config.data.image_folder.")
-    return len(list_image_folder(os.path.join(root, "train"))[0])
+    return len(list_image_folder(os.path.join(_image_folder_root(cfg), "train"))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,12 +501,19 @@ def _materialize(ds, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         images.append(image)
         labels.append(label)
     if len(images) != len(indices):
-        raise RuntimeError(f"Few-shot materialisation found {len(images)} of {len(indices)} "
+        raise RuntimeError(f"Materialising a subset found {len(images)} of {len(indices)} "
                            "selected examples; the split changed between the two passes.")
     return np.array(images, dtype=object), np.array(labels, dtype=np.int32)
 
 
-def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _materialized_subset(spec: DatasetSpec, full, idx: np.ndarray, pi: int, pc: int) -> Source:
+    """The examples `idx` (positions) of the TFDS dataset `full`; this host keeps its share idx[pi::pc]."""
+    data, labels = _materialize(full, idx[pi::pc])
+    return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
+                  host_counts=tuple(len(idx[p::pc]) for p in range(pc)), process_index=pi, records=(data, labels))
+
+
+def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     builder = _builder(spec, cfg)
     train_split, eval_split = spec.train_split, spec.eval_split
     percent = cfg.validation_percent
@@ -474,13 +525,14 @@ def _tfds_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
         # Cost: one label-only pass over the train split (images stay encoded), then a second
         # pass that keeps the selected examples' encoded bytes in host memory.
         full = _as_dataset(builder, spec, cfg, split)
-        idx = _few_shot(cfg, read_labels(full))
-        counts = tuple(len(idx[p::pc]) for p in range(pc))
-        data, labels = _materialize(full, idx[pi::pc])
-        return Source(name=spec.name, num_classes=spec.num_classes, metric=spec.metric,
-                      host_counts=counts, process_index=pi, records=(data, labels))
+        return _materialized_subset(spec, full, _few_shot(cfg, read_labels(full)), pi, pc)
     host_splits = [_host_split(split, p, pc) for p in range(pc)]
     counts = tuple(_cardinality(_as_dataset(builder, spec, cfg, s)) for s in host_splits)
+    if role == "eval" and eval_examples is not None and eval_examples < sum(counts):
+        # The same two passes over the eval split, once, when the data is built.
+        full = _as_dataset(builder, spec, cfg, split)
+        return _materialized_subset(spec, full, fewshot.stratified_subset_indices(read_labels(full), eval_examples),
+                                    pi, pc)
 
     def stream_fn():
         return _as_dataset(builder, spec, cfg, host_splits[pi]).map(_image_label)
@@ -522,7 +574,7 @@ def read_list_file(path: Optional[str], field_name: str) -> tuple[np.ndarray, np
     return np.array(paths, dtype=object), np.array(labels, dtype=np.int32)
 
 
-def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
+def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc, eval_examples) -> Source:
     import tensorflow as tf
 
     train_paths, train_labels = read_list_file(cfg.imagenet_lt_train_list,
@@ -534,7 +586,7 @@ def _imagenet_lt_source(spec: DatasetSpec, cfg, role, pi, pc) -> Source:
                                        "imagenet_lt_eval_list")
         return lists["eval"][1]
 
-    which, idx = _select(cfg, role, train_labels, eval_labels)
+    which, idx = _select(cfg, role, train_labels, eval_labels, eval_examples)
     rel, labels = (train_paths, train_labels) if which == "train" else lists["eval"]
     root = cfg.imagenet_lt_image_root
     if root:
@@ -606,14 +658,16 @@ def _check_tfds_prepared(spec: DatasetSpec, cfg, tfds_name: str, splits: list[st
 def check_ready(data_config, dataset: str) -> dict[str, Any]:
     """Checks that `dataset` is prepared, before a run fetches or trains anything.
 
-    Cheap checks only: prepared TFDS data (and its splits), the image folders (listed, classes
-    matched, no empty class folder; with `skip_bad_images` the one decode pass that finds the
-    images to skip), the ImageNet-LT list files and their image root. Only the splits the run
-    reads are checked (no test split with `validation_percent`).
+    Cheap checks only: prepared TFDS data (and its splits), the image folders (train/ and the eval
+    split, test/ or else val/: listed, classes matched, no empty class folder; with
+    `skip_bad_images` the one decode pass that finds the images to skip), the ImageNet-LT list
+    files and their image root. Only the splits the run reads are checked (no eval split with
+    `validation_percent`).
 
     Returns:
-      A report for the run's results: {'dataset': name} plus, with skip_bad_images,
-      'skipped_bad_images' (count per split) and 'skipped_files'.
+      A report for the run's results: {'dataset': name}, plus for image folders evaluated on their
+      own eval split 'eval_split' ('test' or 'val'), plus with skip_bad_images 'skipped_bad_images'
+      (count per split folder) and 'skipped_files'.
 
     Raises:
       UnknownDatasetError, DataNotFoundError, DataError: what is missing or wrong, by name.
@@ -625,7 +679,8 @@ def check_ready(data_config, dataset: str) -> dict[str, Any]:
         classes, _, _, skipped_train = image_folder_split(data_config, "train")
         skipped = {"train": skipped_train}
         if need_eval:
-            skipped["test"] = image_folder_split(data_config, "test", classes)[3]
+            report["eval_split"] = image_folder_eval_split(data_config)
+            skipped[report["eval_split"]] = image_folder_split(data_config, report["eval_split"], classes)[3]
         if data_config.skip_bad_images:
             report["skipped_bad_images"] = {k: len(v) for k, v in skipped.items()}
             report["skipped_files"] = sorted(f for v in skipped.values() for f in v)
@@ -654,8 +709,8 @@ _BUILDERS = {"digits": _digits_source, "image_folder": _folder_source, "tfds": _
              "imagenet_lt": _imagenet_lt_source}
 
 
-def build_source(data_config, dataset: str, role: str, *, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> Source:
+def build_source(data_config, dataset: str, role: str, *, eval_examples: Optional[int] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None) -> Source:
     """Builds this host's source of the `role` split of `dataset`.
 
     Args:
@@ -663,6 +718,10 @@ def build_source(data_config, dataset: str, role: str, *, process_index: Optiona
       dataset: registry name.
       role: 'train' (the train split less any validation hold-out), 'few_shot' (that, then the
         `few_shot_*` selection: only the stages that are few-shot by definition read it) or 'eval'.
+      eval_examples: role 'eval' only: a fixed class-stratified subset of this many examples of
+        the eval split (`fewshot.stratified_subset_indices`, identical on every host and run);
+        None, or at least the split's size: all of it. A TFDS split then costs one label pass and
+        one pass that keeps the subset's encoded images in host memory (each host its share).
       process_index, process_count: host identity; default jax.process_index()/process_count().
 
     Returns:
@@ -670,11 +729,13 @@ def build_source(data_config, dataset: str, role: str, *, process_index: Optiona
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}.")
+    if eval_examples is not None and role != "eval":
+        raise ValueError(f"eval_examples selects from the eval split; got it for role {role!r}.")
     spec = get_spec(dataset)
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count)
+    source = _BUILDERS[spec.kind](spec, data_config, role, process_index, process_count, eval_examples)
     if source.total_examples == 0:
         raise DataError(f"Dataset {dataset!r} {role} split has no examples.")
     return source

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
+from absl import logging
 
 from remem_jax import checkpoints, files, optim
 from remem_jax.data import pipeline
@@ -107,16 +108,40 @@ def train_iterator_factory(ctx: RunContext, batch_size: int, *, seed: int, mixup
     return make
 
 
-def eval_data(ctx: RunContext, batch_size: int):
-    return pipeline.make_eval_data(ctx.config.data, ctx.config.dataset, global_batch_size=batch_size)
+def eval_data(ctx: RunContext, batch_size: int, *, eval_examples: Optional[int] = None) -> pipeline.EvalData:
+    """The run's eval split (exact, padded); `eval_examples`: its fixed class-stratified subset of that many."""
+    return pipeline.make_eval_data(ctx.config.data, ctx.config.dataset, global_batch_size=batch_size,
+                                   eval_examples=eval_examples)
 
 
 def make_evaluator(logits_fn: evaluate.LogitsFn, variables_of_state: Callable[[Any], Any],
-                   ctx: RunContext, batch_size: int) -> Callable[[Any], dict]:
-    """`replicated_state -> metrics` for the loop (exact eval on the configured eval split)."""
+                   ctx: RunContext, batch_size: int) -> loop.Evaluator:
+    """The loop's evaluations of a classifier (`loop.Evaluator`).
+
+    The exact evaluation covers the whole eval split; the loop uses it at kept steps and at the
+    final step, which summaries and tables report. With `config.data.eval_examples` = n smaller
+    than the split, the other evaluations (every `eval_every` steps) count a fixed
+    class-stratified subset of n examples, the same at every evaluation and in every rerun, and
+    their records say so: `'eval_examples': n`.
+    """
     step = evaluate.make_eval_step(logits_fn, ctx.num_classes)
     data = eval_data(ctx, batch_size)
-    return lambda state: evaluate.evaluate(step, variables_of_state(state), data)
+
+    def exact(state) -> dict:
+        return evaluate.evaluate(step, variables_of_state(state), data)
+
+    n = ctx.config.data.eval_examples
+    if n is None or n >= data.total_examples:
+        return loop.Evaluator(exact)
+    subset = eval_data(ctx, batch_size, eval_examples=n)
+    logging.info("Evaluations every eval_every steps count a fixed class-stratified subset of %d of the %d eval "
+                 "examples (config.data.eval_examples); kept and final steps count all of them.",
+                 subset.total_examples, data.total_examples)
+
+    def periodic(state) -> dict:
+        return {**evaluate.evaluate(step, variables_of_state(state), subset), "eval_examples": subset.total_examples}
+
+    return loop.Evaluator(exact, periodic)
 
 
 def loop_config(name: str, section: ml_collections.ConfigDict, steps: int, keep_steps=()) -> loop.LoopConfig:

@@ -27,6 +27,26 @@ class LoopConfig:
     keep_steps: Sequence[int] = ()  # steps kept as checkpoints (and handed to `on_keep`)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """The evaluations of one run: an exact one, and optionally a cheaper one for the steps between.
+
+    Attributes:
+      exact: `replicated_state -> metrics` on the whole eval split. The loop uses it at kept steps
+        and at the final step (also when a resumed run re-evaluates that), so every number that
+        summaries and tables report is exact; and at every evaluation when `periodic` is None.
+      periodic: `replicated_state -> metrics` for the other evaluations (every `eval_every` steps),
+        e.g. on a fixed subset of the eval split (then its metrics say how many examples it
+        counted, 'eval_examples'); None: `exact`.
+    """
+    exact: Callable[[Any], dict[str, float]]
+    periodic: Optional[Callable[[Any], dict[str, float]]] = None
+
+    def __call__(self, replicated_state: Any) -> dict[str, float]:
+        """The exact evaluation (what a caller that evaluates once wants)."""
+        return self.exact(replicated_state)
+
+
 class Progress:
     """Step, rate and ETA for a log line, measured between log points."""
 
@@ -86,7 +106,9 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
       make_train_iterator: `start_step -> iterator` yielding the batches of steps
         `start_step + 1, ...` exactly as an uninterrupted run would.
       checkpointer: where checkpoints live.
-      evaluate: `replicated_state -> metrics` (exact eval); None for no eval.
+      evaluate: `replicated_state -> metrics` (exact eval), used at every evaluation; or an
+        `Evaluator`, whose `periodic` evaluation serves the `eval_every` evaluations that are
+        neither kept nor final; None for no eval.
       on_keep: called as `on_keep(step, host_state, eval_metrics)` at kept steps
         (e.g. to export a teacher npz).
       writer: a clu metric writer, or None.
@@ -96,8 +118,8 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
 
     Returns:
       The final host state and the list of eval records (`{'step': ..., **metrics}`); with
-      `evaluate`, its last record is always the final step's (evaluated now if a resumed run
-      lacks it).
+      `evaluate`, its last record is always the final step's, by the exact evaluation (evaluated
+      now if a resumed run lacks it).
 
     Raises:
       NonFiniteLossError: a step produced a NaN/inf loss or gradient.
@@ -115,6 +137,7 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
     progress = Progress(config.num_steps, start, config.global_batch_size)
     window: list[dict] = []
     iterator = make_train_iterator(start)
+    exact, periodic = _evaluations(evaluate)
     host_state = None  # the last saved state on the host; the final step always saves
 
     for step in range(start + 1, config.num_steps + 1):
@@ -141,7 +164,8 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
                 writer.write_scalars(step, {f"{config.name}/train/{k}": v for k, v in scalars.items()})
         record: dict = {}
         if is_eval and evaluate is not None:
-            record = _evaluate(evaluate, replicated, step, config.name, writer, history, history_path, last_saved)
+            how = exact if step in keep or step == config.num_steps else periodic
+            record = _evaluate(how, replicated, step, config.name, writer, history, history_path, last_saved)
         if is_save:
             host_state = devices.unreplicate(replicated)
             if step in keep and on_keep is not None:
@@ -150,12 +174,19 @@ def run(config: LoopConfig, *, step_fn: StepFn, state: Any,
             last_saved = step
     if evaluate is not None and (not history or history[-1]["step"] != config.num_steps):
         # Resumed from the final checkpoint of a run killed before its final evaluation was recorded.
-        _evaluate(evaluate, replicated, config.num_steps, config.name, writer, history, history_path, last_saved)
+        _evaluate(exact, replicated, config.num_steps, config.name, writer, history, history_path, last_saved)
     if writer is not None:
         writer.flush()
     if host_state is None:  # resumed at the last step: nothing ran
         host_state = devices.unreplicate(replicated)
     return host_state, history
+
+
+def _evaluations(evaluate) -> tuple[Optional[Callable], Optional[Callable]]:
+    """(exact, periodic) evaluation of `run`'s `evaluate` argument."""
+    if isinstance(evaluate, Evaluator):
+        return evaluate.exact, evaluate.periodic or evaluate.exact
+    return evaluate, evaluate
 
 
 def _read_history(path: Optional[str], start: int) -> list[dict]:
