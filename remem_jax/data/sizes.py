@@ -61,10 +61,10 @@ def split_sizes(data_config, dataset: str, *, few_shot: bool = False) -> dict[st
     return record
 
 
-def describe(record: dict[str, Any]) -> str:
-    """One line for logs and tables: 'Data: digits, 10 classes; trained on ... (1,212 images); ...'."""
+def describe(record: dict[str, Any], label: str = "Data") -> str:
+    """One line for logs and tables: 'Data: digits, 10 classes; trained on ... (1,347 images); ...'."""
     train, evaluation = record["train"], record["eval"]
-    line = (f"Data: {record['dataset']}, {record['num_classes']} classes; trained on {train['part']} "
+    line = (f"{label}: {record['dataset']}, {record['num_classes']} classes; trained on {train['part']} "
             f"({train['examples']:,} images); evaluated on {evaluation['split']} ({evaluation['examples']:,} images")
     if "during_training" in evaluation:
         line += (f"; evaluations during training on a fixed class-stratified {evaluation['during_training']:,} "

@@ -263,7 +263,7 @@ def linear_probe(ctx: common.RunContext) -> stages.StageOutput:
     rows = [probe_row(ctx, row, probe_config) for row in probe_models(ctx)]
     metric = ctx.metric
     data = sizes.split_sizes(probe_config, ctx.config.dataset, few_shot=p.train_fraction is not None)
-    table = f"{results_table(rows, metric, ctx.config.data.few_shot_fraction)}\n\nProbe {sizes.describe(data)}"
+    table = f"{results_table(rows, metric, ctx.config.data.few_shot_fraction)}\n\n{sizes.describe(data, 'Probe data')}"
     compact = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     if common.is_chief():
         print(table)
