@@ -8,7 +8,11 @@ setuptools.setup(
                  "AugReg Vision Transformers in JAX/Flax."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["remem_jax", "remem_jax.*"]),
+    # The top-level configs/ folder ships as the package remem_jax.configs (`--config=remem:cifar100`);
+    # remem_jax/configs/__init__.py only stands in for it in a checkout.
+    packages=setuptools.find_packages(include=["remem_jax", "remem_jax.*"], exclude=["remem_jax.configs"])
+    + ["remem_jax.configs"],
+    package_dir={"remem_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30",
