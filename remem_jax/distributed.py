@@ -45,12 +45,15 @@ class Plan:
       mode: 'explicit', 'automatic' or 'off'.
       why: what decided it (e.g. 'SLURM step of 4 tasks', 'flags', '--distributed=off').
       coordinator_address, num_processes, process_id: the explicit mode's arguments, else None.
+      local_device_ids: the GPUs this process drives (automatic mode with one task per node: all
+        the node's visible GPUs, where JAX would give a SLURM or Open MPI task one); None: JAX's choice.
     """
     mode: str
     why: str
     coordinator_address: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    local_device_ids: Optional[tuple[int, ...]] = None
 
 
 def _int(value, source: str) -> int:
@@ -79,6 +82,23 @@ def detect_cluster(env: Mapping[str, str], tpu_chips: int) -> Optional[str]:
     if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
         return f"Open MPI job of {count('OMPI_COMM_WORLD_SIZE')} ranks"
     return None
+
+
+def node_gpus(env: Mapping[str, str]) -> Optional[tuple[int, ...]]:
+    """For a SLURM step or Open MPI job with one task per node: every GPU the task sees
+    (CUDA_VISIBLE_DEVICES, as the process numbers them); else None (JAX's default, one GPU per task)."""
+    def number(name):
+        try:
+            return int(env[name])
+        except (KeyError, ValueError):
+            return None
+    if "SLURM_JOB_ID" in env:
+        tasks, nodes = number("SLURM_NTASKS"), number("SLURM_STEP_NUM_NODES") or number("SLURM_NNODES")
+        one_per_node = tasks is not None and tasks == nodes
+    else:
+        one_per_node = number("OMPI_COMM_WORLD_LOCAL_SIZE") == 1
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return tuple(range(len(visible))) if one_per_node and visible else None
 
 
 def plan(mode: str = "auto", coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -117,7 +137,9 @@ def plan(mode: str = "auto", coordinator_address: Optional[str] = None, num_proc
     if not given:
         cluster = detect_cluster(env, tpu_chips)
         if cluster:
-            return Plan("automatic", cluster)
+            gpus = None if tpu_chips else node_gpus(env)
+            return Plan("automatic", cluster + (f", one task per node driving its {len(gpus)} GPUs" if gpus else ""),
+                        local_device_ids=gpus)
         return Plan("off", "one process: no coordinator given and no TPU pod, SLURM step or Open MPI job detected")
     missing = [f"--{name} (or {env_name})" for name, env_name in (
         ("coordinator_address", ENV_ADDRESS), ("num_processes", ENV_COUNT), ("process_id", ENV_ID))
@@ -171,6 +193,8 @@ def initialize(the_plan: Plan, *, timeout_s: int = 300, heartbeat_timeout_s: int
     # default, explicit here); the setting does not touch GPU or TPU collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = dict(initialization_timeout=int(timeout_s), heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    if the_plan.local_device_ids is not None:
+        kwargs.update(local_device_ids=list(the_plan.local_device_ids))
     if the_plan.mode == "explicit":
         kwargs.update(coordinator_address=the_plan.coordinator_address, num_processes=the_plan.num_processes,
                       process_id=the_plan.process_id)

@@ -38,6 +38,19 @@ def test_plan_automatic_on_a_detected_cluster(env, tpu_chips, why):
     assert distributed.plan("off", env=env, tpu_chips=tpu_chips).mode == "off"
 
 
+def test_one_task_per_node_drives_every_gpu_of_its_node():
+    """JAX gives each SLURM / Open MPI task one GPU (its local id); with one task per node, all of them."""
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "2",
+             "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    p = distributed.plan(env=slurm)
+    assert p.local_device_ids == (0, 1, 2, 3) and p.why == "SLURM step of 2 tasks, one task per node driving its 4 GPUs"
+    assert distributed.plan(env={**slurm, "SLURM_NTASKS": "8"}).local_device_ids is None  # a task per GPU: JAX's way
+    assert distributed.plan(env={k: v for k, v in slurm.items() if k != "CUDA_VISIBLE_DEVICES"}).local_device_ids is None
+    ompi = {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "1",
+            "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert distributed.plan(env=ompi).local_device_ids == (0, 1)
+
+
 def test_plan_explicit_from_flags_or_environment():
     p = distributed.plan("auto", "10.0.0.1:1234", 2, 1, env={})
     assert (p.mode, p.why, p.coordinator_address, p.num_processes, p.process_id) == (
