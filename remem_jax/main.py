@@ -5,13 +5,23 @@ outputs there; a re-run resumes from the checkpoints and skips finished work.
 Each stage writes its results to `DIR/<its folder>/results.json` and its table to
 `DIR/<its folder>/results.md`; `DIR/results.json` holds every stage's results and
 `DIR/results.md` every stage's table in run order; TensorBoard summaries go to `DIR`.
-The stages are those of the stage table (`remem_jax.train.stages`).
+The stages are those of the stage table (`remem_jax.train.stages`). `--config` is a
+config file, or a config shipped with the package by name: `--config=digits`,
+`--config=remem:cifar100` (`remem_jax.configs`).
+
+Multi-host: every host runs the same command. Before any JAX call it joins JAX's
+distributed runtime, explicitly (--coordinator_address, --num_processes, --process_id or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), automatically on a Cloud TPU VM,
+a SLURM step or an Open MPI job, or not at all, and logs which (`remem_jax.distributed`;
+recipes in docs/cluster.md). The workdir must be one directory every process sees.
 
 Mistakes in the input (an unknown config field or value, a missing checkpoint or
-dataset) end the program with a one-line message and exit status 2. Start-up
-checks come first, in this order, before any checkpoint is fetched: the config,
-the workdir, the config the workdir was started with (`<workdir>/config.json`;
-see `remem_jax.workdir`), and the dataset on disk.
+dataset, a half-configured cluster) end the program with a one-line message and exit
+status 2; in a multi-host run every process stops, and a process whose peer died stops
+with one line and exit status 3. Start-up checks come first, in this order, before any
+checkpoint is fetched: the distributed set-up, the config, the workdir (and, with several
+processes, that they all see it), the config the workdir was started with
+(`<workdir>/config.json`; see `remem_jax.workdir`), and the dataset on disk.
 """
 from __future__ import annotations
 
@@ -21,7 +31,8 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (PATH[:ARG]), or a "
+                                          "config shipped with remem_jax by name (NAME[:ARG], e.g. remem:cifar100).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
