@@ -5,6 +5,7 @@ decision from flags and environment (pure), and what a user sees from the comman
 cluster is half-configured, the coordinator never answers, or the hosts do not share the workdir:
 one line and exit 2, in bounded time, never a hang.
 """
+import json
 import os
 import socket
 import subprocess
@@ -119,14 +120,25 @@ def test_command_half_configured_or_unreachable_coordinator_is_one_line(tmp_path
     assert "did not answer within 2 s" in line and "start process 0" in line
 
 
-def test_command_refuses_a_workdir_the_processes_do_not_share(tmp_path):
-    """Two hosts whose --workdir is not one directory (here: two paths; on a cluster, a local disk each)."""
-    port = _free_port()
-    procs = [_cli(f"--workdir={tmp_path / f'host{i}'}", f"--coordinator_address=127.0.0.1:{port}",
-                  "--num_processes=2", f"--process_id={i}", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-             for i in range(2)]
-    for i, proc in enumerate(procs):
+def test_command_start_up_failures_stop_every_process(tmp_path):
+    """Two hosts whose --workdir is not one directory (here: two paths; on a cluster, a local disk
+    each), and, at the same time, two hosts whose shared workdir is in use (its lock is held by this
+    test's process): process 0 alone fails to take the lock, and process 1 stops too, saying so."""
+    in_use = tmp_path / "in_use"
+    in_use.mkdir()
+    (in_use / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "x"}))
+    one_device = dict(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    ports = [_free_port(), _free_port()]
+    unshared = [_cli(f"--workdir={tmp_path / f'host{i}'}", f"--coordinator_address=127.0.0.1:{ports[0]}",
+                     "--num_processes=2", f"--process_id={i}", **one_device) for i in range(2)]
+    locked = [_cli(f"--workdir={in_use}", f"--coordinator_address=127.0.0.1:{ports[1]}", "--num_processes=2",
+                   f"--process_id={i}", **one_device) for i in range(2)]
+    for i, proc in enumerate(unshared):
         line, _ = _one_error_line(proc, 300)
         assert f"--workdir {tmp_path / f'host{i}'} is not the same directory on every process: process 1 does not " \
                "see the lock process 0 holds there" in line
     assert not (tmp_path / "host1").exists()  # process 1 wrote nothing
+    line, _ = _one_error_line(locked[0], 300)
+    assert f"--workdir {in_use} is in use by process {os.getpid()}" in line
+    line, _ = _one_error_line(locked[1], 300)
+    assert line == "remem_jax: error: process 0 stopped at start-up (its log says why); every process of the run stops."
