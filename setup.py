@@ -35,6 +35,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",
                  # tests/test_notebooks.py executes colabs/*.ipynb and checks their jupytext pairing.
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16",
+                 # tests/test_wheel.py builds the wheel without build isolation (no download).
+                 "setuptools>=70.1"],
     },
 )
