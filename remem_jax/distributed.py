@@ -183,7 +183,9 @@ def initialize(the_plan: Plan, *, timeout_s: int = 300, heartbeat_timeout_s: int
         others stop.
 
     Raises:
-      UserError: the processes did not all join within `timeout_s`.
+      UserError: process i > 0 found no coordinator within `timeout_s`, or JAX refused to start.
+        (Process 0, whose peers do not all arrive within `timeout_s`, is ended by jaxlib itself
+        with a fatal 'DEADLINE_EXCEEDED ... RegisterTask' error: bounded, but not an exception.)
     """
     import jax
 
