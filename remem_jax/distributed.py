@@ -185,7 +185,7 @@ def initialize(the_plan: Plan, *, timeout_s: int = 300, heartbeat_timeout_s: int
     Raises:
       UserError: process i > 0 found no coordinator within `timeout_s`, or JAX refused to start.
         (Process 0, whose peers do not all arrive within `timeout_s`, is ended by jaxlib itself
-        with a fatal 'DEADLINE_EXCEEDED ... RegisterTask' error: bounded, but not an exception.)
+        with a fatal 'DEADLINE_EXCEEDED' error: bounded, but not an exception.)
     """
     import jax
 
@@ -203,6 +203,10 @@ def initialize(the_plan: Plan, *, timeout_s: int = 300, heartbeat_timeout_s: int
     if the_plan.mode == "explicit" and the_plan.process_id != 0:
         # An unreachable coordinator ends jaxlib's connect with a fatal C++ error, not an exception.
         wait_for_coordinator(the_plan.coordinator_address, timeout_s)
+    from absl import logging
+    logging.info("Joining the distributed run (%s%s); waiting up to %d s for every process.", the_plan.mode,
+                 f": coordinator {the_plan.coordinator_address}, process {the_plan.process_id} of "
+                 f"{the_plan.num_processes}" if the_plan.mode == "explicit" else f": {the_plan.why}", timeout_s)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - XLA raises its own types for a coordinator that never answers
