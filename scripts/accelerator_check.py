@@ -3,6 +3,7 @@
 
   python scripts/accelerator_check.py                 # on a machine with a GPU or a TPU
   python scripts/accelerator_check.py --dry_run       # on CPU: every step at the smallest size
+  timeout 660 python scripts/accelerator_check.py --report=$OUT/accelerator_check.md   # a lent machine
 
 Run from a checkout (it runs the repository's tests). In order, each step within what is left
 of `--budget_s` (600 s):
