@@ -336,11 +336,12 @@ def killed(runs, tmp_path_factory):
             out.close()
     survivor = dict(returncode=procs[1].returncode, seconds=survivor_s,
                     stderr=open(base / "process1.stderr").read())
+    finished_before_restart = (workdir / "distill" / "results.json").exists()
     port = _free_port()
     jobs = {f"restart{i}": (_command(workdir, i, port), _child_env(1), base / f"restart{i}") for i in range(2)}
     logs = _run_all(jobs, TIMEOUT_S)
     print(f"survivor ended {survivor_s:.1f} s after the kill (exit {survivor['returncode']})")
-    return dict(workdir=workdir, survivor=survivor, logs=logs)
+    return dict(workdir=workdir, survivor=survivor, logs=logs, finished_before_restart=finished_before_restart)
 
 
 def test_a_killed_process_stops_the_other_and_a_restart_resumes(killed, runs):
@@ -358,9 +359,11 @@ def test_a_killed_process_stops_the_other_and_a_restart_resumes(killed, runs):
         assert "Terminating process because the JAX distributed service detected fatal errors" in survivor["stderr"], (
             survivor["returncode"], survivor["stderr"][-3000:])
     print(f"survivor: exit {survivor['returncode']} after {survivor['seconds']:.1f} s")
-    # Started again, both processes resume from the checkpoint ...
+    # Started again, both processes resume from the checkpoints (pretraining's, or, if it finished before
+    # the kill landed, what came after it) ...
+    assert not killed["finished_before_restart"]
     for i in range(2):
         log = killed["logs"][f"restart{i}"]
-        assert _log_lines(log, r"^pretrain: resuming from step [24] in "), log[-3000:]
+        assert _log_lines(log, r"^(pretrain: resuming from step [24] in |pretrain: complete in )"), log[-3000:]
     # ... to exactly the uninterrupted results and files.
     _same_results_and_files(runs["single"], killed["workdir"])
