@@ -9,7 +9,7 @@ pretrain_teacher -> finetune_teacher -> distill_student with mixup, shrunk to se
     sharing ONE workdir as the hosts of a pod share a file system. Process 0 commits each file of
     that workdir half a second late (a slow shared file system), so that a host reading a file
     before process 0 has written it fails every time;
-  * a killed two-host run: the same, with process 0 killed (kill -9) once the fine-tuning has
+  * a killed two-host run: the same, with process 0 killed (kill -9) once the pretraining has
     written its first checkpoint; then both processes are started again.
 
 Checks:
