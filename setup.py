@@ -8,7 +8,11 @@ setuptools.setup(
                  "AugReg Vision Transformers in JAX/Flax."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["remem_jax", "remem_jax.*"]),
+    # The top-level configs/ folder ships as the package remem_jax.configs (`--config=remem:cifar100`);
+    # remem_jax/configs/__init__.py only stands in for it in a checkout.
+    packages=setuptools.find_packages(include=["remem_jax", "remem_jax.*"], exclude=["remem_jax.configs"])
+    + ["remem_jax.configs"],
+    package_dir={"remem_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30",
@@ -31,6 +35,8 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",
                  # tests/test_notebooks.py executes colabs/*.ipynb and checks their jupytext pairing.
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16",
+                 # tests/test_wheel.py builds the wheel without build isolation (no download).
+                 "setuptools>=70.1"],
     },
 )

@@ -40,19 +40,15 @@ import os
 import subprocess
 import sys
 
-GITHUB_ORG = "YOUR-GITHUB-ORG"  # <-- PLACEHOLDER: the GitHub organisation (or user) hosting remem-jax
-REPO = f"https://github.com/{GITHUB_ORG}/remem-jax"
+# A built wheel of remem-jax (`pip wheel --no-deps .` in a checkout), uploaded next to this notebook
+# (Colab: the Files pane) or given by URL; any pip requirement works (a path, gs:// copied first, git+https://...).
+REMEM_JAX = os.environ.get("REMEM_JAX", "remem_jax-0.1.0-py3-none-any.whl")
 
 if importlib.util.find_spec("remem_jax") is None:
     # Colab TPU runtimes come without TensorFlow; remem_jax's input pipeline and its
     # SavedModel/TFLite exports need it, so tensorflow-cpu is installed explicitly.
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "tensorflow-cpu"])
-if importlib.util.find_spec("configs") is None:
-    # The run configs (configs/common.py: every field and its default) live next to the
-    # package in the repository, not inside it.
-    if not os.path.isdir("remem-jax"):
-        subprocess.check_call(["git", "clone", "--quiet", "--depth=1", REPO, "remem-jax"])
-    sys.path.insert(0, os.path.abspath("remem-jax"))
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REMEM_JAX, "tensorflow-cpu"])
+# The run configs ship inside the package: `remem_jax.configs` (configs/ in the repository).
 
 import remem_jax
 
@@ -103,7 +99,7 @@ STUDENT = "resnet18"
 print(f"SMOKE={SMOKE}: {DATASET} at {IMAGE_SIZE}px, teacher {TEACHER}, student {STUDENT}, workdir {WORKDIR}")
 
 # %% The run config (configs/common.py lists every field)
-from configs import common
+from remem_jax.configs import common
 
 config = common.get_config()
 config.dataset = DATASET

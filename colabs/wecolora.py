@@ -38,16 +38,14 @@ import os
 import subprocess
 import sys
 
-GITHUB_ORG = "YOUR-GITHUB-ORG"  # <-- PLACEHOLDER: the GitHub organisation (or user) hosting remem-jax
-REPO = f"https://github.com/{GITHUB_ORG}/remem-jax"
+# A built wheel of remem-jax (`pip wheel --no-deps .` in a checkout), uploaded next to this notebook
+# (Colab: the Files pane) or given by URL; any pip requirement works (a path, gs:// copied first, git+https://...).
+REMEM_JAX = os.environ.get("REMEM_JAX", "remem_jax-0.1.0-py3-none-any.whl")
 
 if importlib.util.find_spec("remem_jax") is None:
     # Colab TPU runtimes come without TensorFlow, which the input pipeline needs.
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "tensorflow-cpu"])
-if importlib.util.find_spec("configs") is None:
-    if not os.path.isdir("remem-jax"):
-        subprocess.check_call(["git", "clone", "--quiet", "--depth=1", REPO, "remem-jax"])
-    sys.path.insert(0, os.path.abspath("remem-jax"))
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", REMEM_JAX, "tensorflow-cpu"])
+# The run configs ship inside the package: `remem_jax.configs` (configs/ in the repository).
 
 import jax
 
@@ -75,7 +73,7 @@ print(f"SMOKE={SMOKE}: configs/{BASE_CONFIG}.py, d={D}, variants {VARIANTS}, wor
 # %% The run config (configs/common.py documents every field)
 import importlib
 
-config = importlib.import_module(f"configs.{BASE_CONFIG}").get_config()
+config = importlib.import_module(f"remem_jax.configs.{BASE_CONFIG}").get_config()
 config.wecolora.d = D
 config.wecolora.variants = VARIANTS
 o = OVERRIDES

@@ -7,13 +7,23 @@ Each stage writes its results to `DIR/<its folder>/results.json` and its table t
 `DIR/results.md` every stage's table in run order; TensorBoard summaries go to `DIR`.
 With `config.seeds` > 1 the stages run once per seed in `DIR/seeds/seed_<s>/` (each a complete run
 directory) and `DIR`'s tables give each compared number's mean and spread (`train/seeds.py`).
-The stages are those of the stage table (`remem_jax.train.stages`).
+The stages are those of the stage table (`remem_jax.train.stages`). `--config` is a
+config file, or a config shipped with the package by name: `--config=digits`,
+`--config=remem:cifar100` (`remem_jax.configs`).
+
+Multi-host: every host runs the same command. Before any JAX call it joins JAX's
+distributed runtime, explicitly (--coordinator_address, --num_processes, --process_id or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), automatically on a Cloud TPU VM,
+a SLURM step or an Open MPI job, or not at all, and logs which (`remem_jax.distributed`;
+recipes in docs/cluster.md). The workdir must be one directory every process sees.
 
 Mistakes in the input (an unknown config field or value, a missing checkpoint or
-dataset) end the program with a one-line message and exit status 2. Start-up
-checks come first, in this order, before any checkpoint is fetched: the config,
-the workdir, the config the workdir was started with (`<workdir>/config.json`;
-see `remem_jax.workdir`), and the dataset on disk.
+dataset, a half-configured cluster) end the program with a one-line message and exit
+status 2; in a multi-host run every process stops, and a process whose peer died stops
+with one line and exit status 3. Start-up checks come first, in this order, before any
+checkpoint is fetched: the distributed set-up, the config, the workdir (and, with several
+processes, that they all see it), the config the workdir was started with
+(`<workdir>/config.json`; see `remem_jax.workdir`), and the dataset on disk.
 """
 from __future__ import annotations
 
@@ -23,13 +33,27 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file (PATH[:ARG]), or a "
+                                          "config shipped with remem_jax by name (NAME[:ARG], e.g. remem:cifar100).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and results.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Continue a workdir although fields that alter results of its started stages changed (finished "
     "work is not redone); the change is recorded in <workdir>/config.json.")
+# Multi-process runs (remem_jax/distributed.py; docs/cluster.md has the launch commands).
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "off"],
+    "auto: join the other processes of the run if a coordinator is given (flags below or JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES, JAX_PROCESS_ID) or a TPU pod, SLURM step or Open MPI job is detected; else one process. "
+    "off: one process.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                     "Seconds to wait for every process to join before stopping with an error.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "A process silent this long is declared lost; the others then stop (multi-process).")
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=None) -> dict:
@@ -43,7 +67,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=
     """
     import jax
 
-    from remem_jax import config_validation
+    from remem_jax import config_validation, distributed, errors
     from remem_jax import workdir as workdir_lib
     from remem_jax.train import common
     from remem_jax.train import stages as stages_lib
@@ -51,9 +75,18 @@ def run(config, workdir: str, *, allow_config_change: bool = False, stage_table=
     table = stages_lib.table() if stage_table is None else stage_table
     config_validation.validate(config, table)
     config_validation.global_batches(config, table, jax.device_count())
-    workdir_lib.prepare(workdir, create=common.is_chief())
     # One run at a time in a workdir: process 0 holds its lock until the run ends, however it ends.
-    with workdir_lib.lock(workdir) if common.is_chief() else contextlib.nullcontext():
+    # Taking it may fail on process 0 alone: every process learns of it (none waits for a stopped one).
+    with contextlib.ExitStack() as stack:
+        error, lock_path = None, None
+        try:
+            workdir_lib.prepare(workdir, create=common.is_chief())
+            if common.is_chief():
+                lock_path = stack.enter_context(workdir_lib.lock(workdir))
+        except errors.UserError as e:
+            error = e
+        distributed.agree(error)
+        workdir_lib.check_shared(workdir, lock_path)
         if config.seeds == 1:
             return _run_stages(config, workdir, table, allow_config_change)
         return _run_seeds(config, workdir, table, allow_config_change)
@@ -106,6 +139,8 @@ def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
         record.write()
     logging.info("JAX process %d/%d, %d local devices (%s).", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.devices()[0].platform)
+    invariant, why = sources.host_count_invariance(config.data, config.dataset)
+    logging.info("Host-count invariant: %s (%s).", "yes" if invariant else "no", why)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     ctx = common.RunContext(config=config, workdir=workdir, writer=writer)
     ctx.results = previous
@@ -154,7 +189,20 @@ def finished_stages(workdir: str, table, previous_results: dict) -> list[str]:
 
 
 def _flags() -> dict:
-    return {"config": _CONFIG, "workdir": _WORKDIR, "allow_config_change": _ALLOW_CONFIG_CHANGE}
+    return {"config": _CONFIG, "workdir": _WORKDIR, "allow_config_change": _ALLOW_CONFIG_CHANGE,
+            "distributed": _DISTRIBUTED, "coordinator_address": _COORDINATOR, "num_processes": _NUM_PROCESSES,
+            "process_id": _PROCESS_ID, "distributed_timeout_s": _JOIN_TIMEOUT, "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT}
+
+
+def join_processes(flag_values) -> str:
+    """Joins JAX's distributed runtime as the flags and the environment say (before any JAX call);
+    returns the line saying what it did (see `remem_jax.distributed`)."""
+    from remem_jax import distributed
+    the_plan = distributed.plan(flag_values["distributed"].value, flag_values["coordinator_address"].value,
+                                flag_values["num_processes"].value, flag_values["process_id"].value,
+                                env=os.environ, tpu_chips=distributed.tpu_chip_count())
+    return distributed.initialize(the_plan, timeout_s=flag_values["distributed_timeout_s"].value,
+                                  heartbeat_timeout_s=flag_values["heartbeat_timeout_s"].value)
 
 
 def make_main(prepare_config=lambda config: config):
@@ -165,6 +213,7 @@ def make_main(prepare_config=lambda config: config):
         for name in ("config", "workdir"):
             if flag_values[name].value is None:
                 raise errors.UserError(f"--{name} is required.")
+        logging.info(join_processes(flag_values))
         run(prepare_config(flag_values["config"].value), flag_values["workdir"].value,
             allow_config_change=flag_values["allow_config_change"].value)
     return main_

@@ -21,7 +21,9 @@ import errno
 import fnmatch
 import json
 import os
+import secrets
 import socket
+import time
 from typing import Any, Iterator, Mapping, Optional
 
 from remem_jax import errors, files
@@ -105,7 +107,7 @@ def lock(workdir: str) -> Iterator[str]:
       UserError: the workdir is in use, or cannot be written (read-only, permission, full).
     """
     path = os.path.join(workdir, LOCK_FILE)
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), "run": secrets.token_hex(8)}
     for attempt in range(2):
         try:
             if files.is_remote(path):
@@ -137,6 +139,46 @@ def lock(workdir: str) -> Iterator[str]:
         with contextlib.suppress(Exception):
             if (files.read_json(path, default={}) or {}).get("pid") == mine["pid"]:
                 (files.gfile().remove if files.is_remote(path) else os.remove)(path)
+
+
+def check_shared(workdir: str, lock_path: Optional[str]) -> None:
+    """Checks that every process of a multi-process run sees the workdir process 0 locked.
+
+    Process 0 (`lock_path`: the lock it holds) sends the lock's run id to every process; each
+    other process reads `<workdir>/run.lock` and compares. A process that sees another lock, or
+    none, has another directory under that path (a local disk, not shared storage): every process
+    then stops with the same error. Call it on every process; one process: nothing to check.
+
+    Raises:
+      UserError: some process does not see process 0's workdir.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+
+    def as_ints(run_id: str):  # a run id (hex) as int32s, for the collectives
+        return np.array((list(bytes.fromhex(run_id)) + [0] * 16)[:16], np.int32)
+
+    mine = as_ints(files.read_json(lock_path)["run"]) if lock_path else np.zeros(16, np.int32)
+    token = np.asarray(multihost_utils.broadcast_one_to_all(mine))
+    for attempt in range(5 if lock_path is None else 0):  # shared storage may show a new file late
+        try:
+            mine = as_ints((files.read_json(os.path.join(workdir, LOCK_FILE), default={}) or {}).get("run", ""))
+        except (ValueError, OSError):
+            mine = np.full(16, -1, np.int32)
+        if (mine == token).all():
+            break
+        time.sleep(1.0)
+    same = np.asarray(multihost_utils.process_allgather(np.array([int((mine == token).all())], np.int32))).ravel()
+    if not same.all():
+        others = ", ".join(str(i) for i in np.flatnonzero(same == 0))
+        raise errors.UserError(
+            f"--workdir {workdir} is not the same directory on every process: process {others} does not see the "
+            f"lock process 0 holds there ({LOCK_FILE}). Put the workdir on storage every process shares (gs://... "
+            "or a shared file system mounted at the same path on every host).")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -183,6 +183,22 @@ def test_hosts_split_every_global_batch():
                                           want[k].reshape(24, *want[k].shape[2:]))
 
 
+def test_mixup_pairs_within_the_global_batch():
+    """With mixup, host p of 3 still gets part p of the one-host batch: its first example is mixed
+    with the last example of host p-1 (host 0's with the global batch's last), as on one host."""
+    one_host = pipeline.TrainData(CFG, "digits", global_batch_size=24, seed=4, mixup_alpha=0.8).iterator()
+    hosts = [pipeline.TrainData(CFG, "digits", global_batch_size=8, seed=4, mixup_alpha=0.8, process_index=p,
+                                process_count=3).iterator() for p in range(3)]
+    for _ in range(2):
+        want = next(one_host)
+        got = [next(h) for h in hosts]
+        assert not np.array_equal(want["soft_label"].max(-1), np.ones_like(want["soft_label"].max(-1)))  # mixed
+        for k in want:
+            np.testing.assert_array_equal(
+                np.concatenate([g[k].reshape(8, *g[k].shape[2:]) for g in got]),
+                want[k].reshape(24, *want[k].shape[2:]), err_msg=k)
+
+
 def test_holdout_split_strings():
     sizes = {"train": 1000, "validation": 200}
     assert sources.holdout_split_strings("train", 2, sizes) == ("train[0:980]", "train[980:1000]")

@@ -1,36 +1,44 @@
-"""Multi-host for real: two JAX processes on this machine against one process with as many devices.
+"""Multi-host for real, as a user starts it: `python -m remem_jax.main` as two processes on this machine.
 
-Three subprocesses of tests/multihost_driver.py run the digits pipeline (pretrain_teacher ->
-finetune_teacher -> distill_student, shrunk to seconds) at the same time:
+Every run is the command itself on tests/multihost_config.py (the digits pipeline
+pretrain_teacher -> finetune_teacher -> distill_student with mixup, shrunk to seconds):
 
   * the reference: one process with 2 CPU devices (--xla_force_host_platform_device_count=2);
-  * a real two-host run: 2 processes with 1 CPU device each, joined by
-    `jax.distributed.initialize` on 127.0.0.1 with gloo CPU collectives (jax 0.10's default
-    `jax_cpu_collectives_implementation`), sharing ONE workdir as the hosts of a pod share a
-    file system. Process 0 commits each file of that workdir half a second late (a slow shared
-    file system), so that a host reading a file before process 0 has written it fails every time.
+  * a real two-host run: 2 processes with 1 CPU device each, joined through the command's
+    --coordinator_address=127.0.0.1:P --num_processes=2 --process_id=I (gloo CPU collectives),
+    sharing ONE workdir as the hosts of a pod share a file system. Process 0 commits each file of
+    that workdir half a second late (a slow shared file system), so that a host reading a file
+    before process 0 has written it fails every time;
+  * a killed two-host run: the same, with process 0 killed (kill -9) once the pretraining has
+    written its first checkpoint; then both processes are started again.
 
 Checks:
   1. The two-host run reproduces the one-host run bit for bit: results.json (every accuracy,
-     loss and eval count), what each process's `run` returned (so process 1 computed the same
-     metrics: they are summed across hosts, not per host), every exported npz (pretrained
-     teacher, kept teachers, student, best student) compared array by array, bytes included,
-     and every orbax train-state checkpoint (compared by what it restores to: tensorstore names
-     its chunk files at random).
-     The pipeline makes this possible: each device sees the same examples whatever the number of
-     hosts (remem_jax/data/pipeline.py), and a psum/pmean over two devices adds the same two
-     numbers whichever process holds them. Both sides run with the same XLA flags (LLVM
-     optimisation level 0, to halve compile time), so no tolerance is needed.
+     loss and eval count), what process 1 computed (its logged eval and loss lines equal process
+     0's: metrics are summed across hosts, not per host), every exported npz (pretrained teacher,
+     kept teachers, student, best student) compared array by array, bytes included, and every
+     orbax train-state checkpoint (compared by what it restores to: tensorstore names its chunk
+     files at random). The pipeline makes this possible: each device sees the same examples
+     whatever the number of hosts, mixup pairs examples across the hosts' parts of a batch
+     (remem_jax/data/pipeline.py), and a psum/pmean over two devices adds the same two numbers
+     whichever process holds them. All runs use the same XLA flags (LLVM optimisation level 0, to
+     halve compile time), so no tolerance is needed.
   2. Only process 0 wrote: each two-host process runs under `strace -f`, which records at the
      system-call level every file-mutating call (open for writing, creat, rename, mkdir, unlink,
      rmdir, link, symlink, truncate) of the process and all its threads and children, whichever
      code makes it: Python (npz files), TensorFlow's C++ gfile (JSON files, TensorBoard events) or
      tensorstore's C++ (orbax arrays). Process 1 must not have attempted a single one on a path in
      the workdir, and, so that this cannot pass because the tracer missed something, every file
-     in the workdir must appear in process 0's trace as created by a successful call. Orbax's
-     multi-process protocol needs nothing from process 1 here (host numpy arrays are written by
-     the primary host; the hosts meet at barriers of the distributed runtime, not in files).
+     in the workdir must appear in process 0's trace as created by a successful call.
      Where strace is missing or cannot trace, check 2 is skipped and says why.
+  3. When process 0 is killed (once the pretraining has written its step-2 checkpoint), process 1
+     ends within KILL_BOUND_S, not a hang: with the one-line error of a lost peer (exit 3) when
+     the loss shows in a collective, or, anywhere else, ended by JAX's runtime when process 0's
+     heartbeats stop (--heartbeat_timeout_s); never with a Python traceback. Started again, both
+     resume from the checkpoint (the log says so) to the reference's results and files, bit for bit.
+
+The runs share a persistent XLA compilation cache (tests/conftest.py): the killed and resumed
+runs compile the very programs of the clean two-host run, so they cost little more than running.
 """
 import json
 import os
@@ -47,8 +55,11 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRIVER = os.path.join(REPO, "tests", "multihost_driver.py")
+CONFIG = "tests/multihost_config.py"
 TIMEOUT_S = 540  # the three runs together; about 2 minutes on 2 idle cores
+HEARTBEAT_S = 20  # --heartbeat_timeout_s of the killed run (a loaded CI machine must not miss one by chance)
+KILL_BOUND_S = 60  # a survivor must end this soon after its peer is killed (heartbeat timeout, with room)
+KILL_POINT = "pretrain/checkpoints/2/commit_success.txt"  # early: the killed run's work is redone
 XLA_SPEED = "--xla_backend_optimization_level=0"
 
 # File-mutating system calls; '?' lets strace skip names this architecture lacks (open, mkdir...).
@@ -81,11 +92,22 @@ def _strace_command():
     return None, f"strace cannot trace here: {why}"
 
 
-def _child_env(device_count: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count} {XLA_SPEED}")
+def _child_env(device_count: int, **extra) -> dict:
+    """The environment of a run: only this checkout on the path, CPU devices, the shared compilation cache."""
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_")) or k in keep}
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count} {XLA_SPEED}", **extra)
     return env
+
+
+def _command(workdir, process_id=None, port=None, *extra):
+    """`python -m remem_jax.main` on the test config; with `port`, as process `process_id` of two."""
+    cmd = [sys.executable, "-m", "remem_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *extra]
+    if port is not None:
+        cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
+    return cmd
 
 
 def _run_all(jobs: dict, timeout_s: float) -> dict:
@@ -117,13 +139,18 @@ def _run_all(jobs: dict, timeout_s: float) -> dict:
     failed = [n for n, p in procs.items() if p.returncode != 0]
     if failed:
         report(f"{failed} failed")
-    return {n: open(f"{jobs[n][2]}.stdout").read() for n in jobs}
+    return {n: open(f"{jobs[n][2]}.stderr").read() for n in jobs}
 
 
-def _tagged_json(stdout: str, tag: str):
-    lines = [line for line in stdout.splitlines() if line.startswith(tag + " ")]
-    assert len(lines) == 1, f"expected one {tag} line, got {len(lines)}"
-    return json.loads(lines[0][len(tag) + 1:])
+def _log_lines(log: str, pattern: str) -> list[str]:
+    """The messages (absl prefix dropped) of the log lines matching `pattern`."""
+    return [m.group(1) for m in re.finditer(r"^I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] (.*)$", log, re.M)
+            if re.search(pattern, m.group(1))]
+
+
+def _computed(log: str) -> list[str]:
+    """What a process computed, as it logs it: eval lines and train losses (not speeds)."""
+    return [re.sub(r", [\d.]+ img/s.*", "", line) for line in _log_lines(log, r" step \d+(/\d+: loss| eval:)")]
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +160,15 @@ def runs(tmp_path_factory):
     port = _free_port()
     traces = {i: base / f"strace_process{i}.txt" for i in range(2)}
     strace, untraced = _strace_command()
-    jobs = {"single": ([sys.executable, DRIVER, f"--workdir={single}"], _child_env(2), base / "single")}
+    jobs = {"single": (_command(single), _child_env(2), base / "single")}
     for i in range(2):
         prefix = strace + ["-o", str(traces[i])] if strace else []
-        cmd = prefix + [sys.executable, DRIVER, f"--workdir={multi}", "--num_processes=2", f"--process_id={i}",
-                        f"--port={port}", f"--slow_commits={SLOW_COMMITS_S if i == 0 else 0}"]
-        jobs[f"process{i}"] = (cmd, _child_env(1), base / f"process{i}")
+        slow = dict(REMEM_TEST_SLOW_COMMITS=str(SLOW_COMMITS_S), REMEM_TEST_WORKDIR=str(multi)) if i == 0 else {}
+        jobs[f"process{i}"] = (prefix + _command(multi, i, port), _child_env(1, **slow), base / f"process{i}")
     start = time.monotonic()
-    stdout = _run_all(jobs, TIMEOUT_S)
+    logs = _run_all(jobs, TIMEOUT_S)
     print(f"three runs took {time.monotonic() - start:.0f} s (traced: {strace is not None})")
-    return dict(single=single, multi=multi, stdout=stdout, traces=traces, untraced=untraced)
+    return dict(single=single, multi=multi, logs=logs, traces=traces, untraced=untraced)
 
 
 def _normalised(value, workdir):
@@ -155,22 +181,11 @@ def _load_npz(path):
         return {k: f[k] for k in f.files}
 
 
-def test_two_processes_reproduce_one_process_bit_for_bit(runs):
-    out = runs["stdout"]
-    assert _tagged_json(out["single"], "TOPOLOGY") == dict(
-        process_index=0, process_count=1, local_device_count=2, device_count=2)
-    for i in range(2):
-        assert _tagged_json(out[f"process{i}"], "TOPOLOGY") == dict(
-            process_index=i, process_count=2, local_device_count=1, device_count=2)
-
-    single, multi = runs["single"], runs["multi"]
+def _same_results_and_files(single, multi):
+    """results.json, every npz (bytes) and every orbax checkpoint (restored) of `multi` equal `single`'s."""
     want = _normalised(json.load(open(single / "results.json")), single)
     got = _normalised(json.load(open(multi / "results.json")), multi)
     assert got == want
-    # Every process returned the same numbers: metrics are summed across hosts.
-    assert _normalised(_tagged_json(out["single"], "RESULTS"), single) == want
-    for i in range(2):
-        assert _normalised(_tagged_json(out[f"process{i}"], "RESULTS"), multi) == want
     # The run did what the config asks (so the comparison covers every stage).
     assert [k["step"] for k in want["finetune_teacher"]["remem"]["kept"]] == [2, 4]
     assert [r["name"] for r in want["distill_student"]["rows"]] == ["remem_step4"]
@@ -200,6 +215,21 @@ def test_two_processes_reproduce_one_process_bit_for_bit(runs):
         for (key, x), (_, y) in zip(a, b):
             x, y = np.asarray(x), np.asarray(y)
             assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes()), (step, key)
+
+
+def test_two_processes_reproduce_one_process_bit_for_bit(runs):
+    logs = runs["logs"]
+    assert _log_lines(logs["single"], "^Distributed runtime: off ")
+    assert _log_lines(logs["single"], r"^JAX process 0/1, 2 local devices \(cpu\)")
+    for i in range(2):
+        assert _log_lines(logs[f"process{i}"], rf"^Distributed runtime: explicit \(flags\): process {i} of 2, "
+                          r"1 local of 2 devices\.$"), logs[f"process{i}"][-3000:]
+        assert _log_lines(logs[f"process{i}"], r"^Host-count invariant: yes ")
+    _same_results_and_files(runs["single"], runs["multi"])
+    # Process 1 computed what process 0 and the one-host run did (it writes nothing, it logs).
+    computed = _computed(logs["single"])
+    assert len(computed) >= 8 and any("distill/remem_step4 step 3 eval" in line for line in computed), computed
+    assert _computed(logs["process0"]) == _computed(logs["process1"]) == computed
 
 
 def _events(trace_path):
@@ -267,3 +297,73 @@ def test_only_process_0_writes_the_shared_workdir(runs):
     assert len(files) > 20 and any("/checkpoints/" in f for f in files)
     missing = [f for f in files if f not in live]
     assert not missing, f"files in the workdir that process 0's trace does not show created: {missing[:10]}"
+
+
+@pytest.fixture(scope="module")
+def killed(runs, tmp_path_factory):
+    """A two-host run whose process 0 is killed mid fine-tuning, then both processes started again.
+
+    Runs after `runs` (whose clean two-host run filled the compilation cache with these programs).
+    """
+    base = tmp_path_factory.mktemp("killed")
+    workdir = base / "workdir"
+    port = _free_port()
+    procs, outs = [], []
+    for i in range(2):
+        out = open(base / f"process{i}.stderr", "w")
+        procs.append(subprocess.Popen(_command(workdir, i, port, f"--heartbeat_timeout_s={HEARTBEAT_S}"), cwd=REPO,
+                                      env=_child_env(1), stdout=subprocess.DEVNULL, stderr=out, start_new_session=True))
+        outs.append(out)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (workdir / KILL_POINT).exists():
+            assert all(p.poll() is None for p in procs), "a process ended before the kill point"
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the session of a process this test started
+        killed_at = time.monotonic()
+        try:
+            procs[1].wait(timeout=KILL_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pass
+        survivor_s = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for out in outs:
+            out.close()
+    survivor = dict(returncode=procs[1].returncode, seconds=survivor_s,
+                    stderr=open(base / "process1.stderr").read())
+    finished_before_restart = (workdir / "distill" / "results.json").exists()
+    port = _free_port()
+    jobs = {f"restart{i}": (_command(workdir, i, port), _child_env(1), base / f"restart{i}") for i in range(2)}
+    logs = _run_all(jobs, TIMEOUT_S)
+    print(f"survivor ended {survivor_s:.1f} s after the kill (exit {survivor['returncode']})")
+    return dict(workdir=workdir, survivor=survivor, logs=logs, finished_before_restart=finished_before_restart)
+
+
+def test_a_killed_process_stops_the_other_and_a_restart_resumes(killed, runs):
+    survivor = killed["survivor"]
+    assert survivor["returncode"] is not None, f"process 1 still ran {KILL_BOUND_S} s after process 0 was killed"
+    assert survivor["seconds"] < KILL_BOUND_S
+    errors = [line for line in survivor["stderr"].splitlines() if line.startswith("remem_jax: error:")]
+    assert "Traceback (most recent call last)" not in survivor["stderr"], survivor["stderr"][-3000:]
+    # In a collective (a train step, a barrier) the loss shows at once and the command says so in one line;
+    # anywhere else the runtime's heartbeats catch it and JAX ends the process with its own message.
+    if survivor["returncode"] == 3:
+        assert len(errors) == 1 and "process 1 of 2 lost contact with the other processes" in errors[0], errors
+        assert "start every process again with the same command" in errors[0]
+    else:
+        assert "Terminating process because the JAX distributed service detected fatal errors" in survivor["stderr"], (
+            survivor["returncode"], survivor["stderr"][-3000:])
+    print(f"survivor: exit {survivor['returncode']} after {survivor['seconds']:.1f} s")
+    # Started again, both processes resume from the checkpoints (pretraining's, or, if it finished before
+    # the kill landed, what came after it) ...
+    assert not killed["finished_before_restart"]
+    for i in range(2):
+        log = killed["logs"][f"restart{i}"]
+        assert _log_lines(log, r"^(pretrain: resuming from step [24] in |pretrain: complete in )"), log[-3000:]
+    # ... to exactly the uninterrupted results and files.
+    _same_results_and_files(runs["single"], killed["workdir"])

@@ -71,6 +71,32 @@ def eval_preprocess(data: tf.Tensor, image_size: int) -> tf.Tensor:
     return to_model_range(resize(decode_image(data), image_size))
 
 
+def mixup_with_previous(image: tf.Tensor, soft_label: tf.Tensor, seed: tf.Tensor, alpha: float):
+    """Mixup of examples 1..B of a batch, each with the example before it (example 0 only lends).
+
+    lam ~ Beta(alpha, alpha) (one draw for the batch, as g1/(g1+g2) of two Gamma(alpha)
+    draws); image'[i] = lam*image[i+1] + (1-lam)*image[i]; the same for soft_label, which stays
+    a distribution (sums to 1). A host holding positions [lo, hi) of a global batch passes
+    positions lo-1 .. hi-1 (lo-1 taken modulo the global batch): its part of the mixed global
+    batch is then exactly what one host holding the whole batch computes (`mixup`).
+
+    Args:
+      image: float [B+1, ...].
+      soft_label: float [B+1, C].
+      seed: int64 [2] stateless seed for this (global) batch.
+      alpha: Beta parameter (> 0).
+
+    Returns:
+      (mixed image [B, ...], mixed soft_label [B, C], lam).
+    """
+    g = tf.random.stateless_gamma([2], seed=seed, alpha=alpha, dtype=tf.float32)
+    lam = g[0] / tf.maximum(g[0] + g[1], 1e-30)
+    lam = tf.where(tf.math.is_finite(lam), lam, 1.0)
+    image = lam * image[1:] + (1.0 - lam) * image[:-1]
+    soft_label = lam * soft_label[1:] + (1.0 - lam) * soft_label[:-1]
+    return image, soft_label, lam
+
+
 def mixup(image: tf.Tensor, soft_label: tf.Tensor, seed: tf.Tensor, alpha: float):
     """Mixup of a whole batch with its roll by one, as big_vision / patient distillation.
 
@@ -87,9 +113,6 @@ def mixup(image: tf.Tensor, soft_label: tf.Tensor, seed: tf.Tensor, alpha: float
     Returns:
       (mixed image, mixed soft_label, lam).
     """
-    g = tf.random.stateless_gamma([2], seed=seed, alpha=alpha, dtype=tf.float32)
-    lam = g[0] / tf.maximum(g[0] + g[1], 1e-30)
-    lam = tf.where(tf.math.is_finite(lam), lam, 1.0)
-    image = lam * image + (1.0 - lam) * tf.roll(image, shift=1, axis=0)
-    soft_label = lam * soft_label + (1.0 - lam) * tf.roll(soft_label, shift=1, axis=0)
-    return image, soft_label, lam
+    # roll(x, 1)[i] = x[i - 1], x[-1] for i = 0: the batch with its last example put in front.
+    return mixup_with_previous(tf.concat([image[-1:], image], 0), tf.concat([soft_label[-1:], soft_label], 0),
+                               seed, alpha)

@@ -9,8 +9,10 @@ it yields bit-identical batches to an uninterrupted run.
 Hosts: a shared record table (`Source.shared`) is permuted identically on every host and host p
 takes positions [p * local_batch, (p + 1) * local_batch) of every global batch, in eval too, so
 every device sees the same examples whatever the number of hosts (one host with 8 devices or 2
-hosts with 4 each). A stream, or a per-host record slice, is this host's own stream. Mixup pairs
-an example with its neighbour in the host's batch, so with mixup the hosts' first examples differ.
+hosts with 4 each). Mixup pairs every example with the one before it in the global batch (a host
+also takes the example before its part), so it too is the same on 1 or N hosts. A stream, or a
+per-host record slice, is this host's own stream (and mixup pairs within the host's batch): such
+runs depend on the number of hosts (`sources.host_count_invariance`).
 
 Eval data pads the last batch with masked zeros, so that every real example is seen exactly
 once, and pads every host to the same number of batches.
@@ -207,9 +209,14 @@ class TrainData:
             def load(pos, ex):
                 return pos, ex
         ds = ds.enumerate(start=position)
+        # Mixup pairs each example with the one before it in the *global* batch, so a host also
+        # takes the example before its part (augmented as its owner does: keys are positions).
+        lends = self.mixup_alpha > 0 and pc > 1
         if pc > 1:  # This host's part of every global batch (indices only: cheap to skip).
             lo, hi = pi * self.local_batch_size, (pi + 1) * self.local_batch_size
-            ds = ds.batch(batch, drop_remainder=True).map(lambda p, i: (p[lo:hi], i[lo:hi])).unbatch()
+            take = tf.constant(([(lo - 1) % batch] if lends else []) + list(range(lo, hi)), tf.int64)
+            ds = ds.batch(batch, drop_remainder=True).map(
+                lambda p, i: (tf.gather(p, take), tf.gather(i, take))).unbatch()
         ds = ds.map(load)
         image_size = int(cfg.image_size)
         area_min = float(cfg.crop_area_min)
@@ -222,17 +229,21 @@ class TrainData:
                     "label": ex["label"]}
 
         ds = ds.map(preprocess, num_parallel_calls=_parallel_calls(tf, cfg))
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
+        ds = ds.batch(self.local_batch_size + int(lends), drop_remainder=True)
         ld, pd, alpha = self._ld, self._pd, self.mixup_alpha
 
         def finish(step, batch):
-            image = batch["image"]
-            soft = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
-            if alpha > 0:
+            image, label = batch["image"], batch["label"]
+            soft = tf.one_hot(label, num_classes, dtype=tf.float32)
+            if lends:
+                image, soft, _ = augment.mixup_with_previous(
+                    image, soft, _seed_pair(tf, self.seed, _TAG_MIXUP, step), alpha)
+                label = label[1:]
+            elif alpha > 0:
                 image, soft, _ = augment.mixup(image, soft,
                                                _seed_pair(tf, self.seed, _TAG_MIXUP, step), alpha)
             return {"image": tf.reshape(image, [ld, pd, image_size, image_size, 3]),
-                    "label": tf.reshape(batch["label"], [ld, pd]),
+                    "label": tf.reshape(label, [ld, pd]),
                     "soft_label": tf.reshape(soft, [ld, pd, num_classes])}
 
         ds = ds.enumerate(start=start_step).map(finish)

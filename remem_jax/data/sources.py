@@ -705,6 +705,25 @@ def check_ready(data_config, dataset: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 
+def host_count_invariance(data_config, dataset: str) -> tuple[bool, str]:
+    """Whether the train and eval batches of `dataset` are the same on 1 or N hosts (same devices), and why.
+
+    Record tables are held whole by every host, which takes its part of every global batch: the
+    batches depend on the seed and the global batch size only. TFDS streams (and few-shot subsets
+    of TFDS splits) give each host its own slice, so the batches depend on the number of hosts.
+    Reads the config only; nothing is loaded.
+    """
+    kind = get_spec(dataset).kind
+    if kind == "tfds":
+        return False, (f"{dataset} is read from TFDS, each host its own slice (tfds.even_splits; few-shot subsets "
+                       "[p::hosts]), so the batches depend on the number of hosts")
+    if kind == "imagenet_lt" and not data_config.imagenet_lt_image_root:
+        return False, (f"{dataset} without config.data.imagenet_lt_image_root is streamed from TFDS, each host "
+                       "its own slice, so the batches depend on the number of hosts")
+    return True, (f"{dataset} is a record table every host holds whole, each host taking its part of every global "
+                  "batch, so 1 or N hosts with the same devices give the same batches")
+
+
 _BUILDERS = {"digits": _digits_source, "image_folder": _folder_source, "tfds": _tfds_source,
              "imagenet_lt": _imagenet_lt_source}
 
