@@ -58,10 +58,13 @@ def write_json(path: str, value: Any) -> None:
         files.write_json(path, value)
 
 
-def save_params(path: str, params: Any) -> None:
-    """Saves a parameter tree as a flat npz (AugReg layout); process 0 only."""
+def save_params(path: str, params: Any, options: Optional[dict] = None) -> None:
+    """Saves a parameter tree as a flat npz (AugReg layout); process 0 only.
+
+    `options`: a ViT's `vit.numeric_options(model)`, kept in the file (see `checkpoints.save_augreg`).
+    """
     if is_chief():
-        checkpoints.save_augreg(path, params)
+        checkpoints.save_augreg(path, params, options)
 
 
 def warmup_steps(configured: Optional[int], total_steps: int, default_fraction: Optional[float] = None) -> int:

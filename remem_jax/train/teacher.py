@@ -36,7 +36,7 @@ def pretrain_teacher(ctx: common.RunContext) -> stages.StageOutput:
         setup = vit_finetune.TrainableViT(model, params, {}, surgery.merge_partitions)
         final, history = vit_finetune.train_classifier(sub, setup, p, steps=p.steps, sam_rho=0.0,
                                                        sync_perturbations=False, accum_steps=1, seed_name="pretrain")
-        common.save_params(out, setup.combine(final.params, final.frozen))
+        common.save_params(out, setup.combine(final.params, final.frozen), vit.numeric_options(model))
         return sub.commit({"checkpoint": out, "variant": p.variant, "num_params": tree.param_count(final.params),
                            "eval": history[-1]}, metrics=("eval",))
 
@@ -85,7 +85,7 @@ def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None
     """
     params = surgery.fold_reweighting(params, mlp_alpha=model.mlp_alpha, attn_beta=model.attn_beta,
                                       residual_mode=model.residual_mode, num_layers=model.num_layers)
-    common.save_params(path, params)
+    common.save_params(path, params, vit.numeric_options(model))
 
 
 def finetune_model(f, ckpt: checkpoints.VitFile, num_classes: int, hp: dict) -> vit.VisionTransformer:
