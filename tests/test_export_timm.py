@@ -1,0 +1,74 @@
+"""`python -m remem_jax.export --formats=timm`: any ViT npz the project writes, out as a timm folder,
+verified on the spot (no torch needed; tests/test_hub_checkpoints.py loads the file in PyTorch)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from remem_jax import checkpoints, export, hub_checkpoints, tree
+from remem_jax.models import vit
+
+
+def vit_npz(path, **options):
+    """A 2-block ViT (width 32, patch 8, 16 px, 3 classes) with a random head, saved with `options`."""
+    model = vit.VisionTransformer(num_classes=3, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
+                                  mlp_dim=64, **options)
+    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
+    flat = {k: np.asarray(v) for k, v in tree.flatten_params(params).items()}
+    rng = np.random.default_rng(0)
+    flat["head/kernel"] = rng.normal(size=flat["head/kernel"].shape).astype(np.float32)
+    flat["head/bias"] = rng.normal(size=flat["head/bias"].shape).astype(np.float32)
+    checkpoints.save_augreg(str(path), tree.unflatten_params(flat), vit.numeric_options(model))
+    return str(path), flat
+
+
+def test_vit_npz_exports_to_timm_with_its_options(tmp_path):
+    """A student with exact GELU and eps 1e-2 (from a Hugging Face teacher): the timm folder, model.json and
+    the file read back all keep both; the parameters come back bit-identical."""
+    npz, flat = vit_npz(tmp_path / "student.npz", approximate_gelu=False, layernorm_epsilon=1e-2)
+    record = export.export_student(npz, str(tmp_path / "out"), formats=["timm"])
+    entry = record["formats"]["timm"]
+    assert entry["passed"] and entry["max_abs_diff"] <= 1e-5 and entry["features_max_abs_diff"] <= 1e-5
+    info = export.read_model_info(str(tmp_path / "out"))
+    assert info.architecture == export.VIT and info.formats == {"timm": "timm"}
+    assert (info.kwargs["approximate_gelu"], info.kwargs["layernorm_epsilon"]) == (False, 1e-2)
+    model = export.build_student(info)
+    assert (model.approximate_gelu, model.layernorm_epsilon) == (False, 1e-2)
+    config = json.load(open(tmp_path / "out" / "timm" / "config.json"))
+    assert "act_layer" not in config["model_args"] and config["remem_jax"]["layernorm_epsilon"] == 1e-2
+    back = checkpoints.read_vit(str(tmp_path / "out" / "timm"))
+    assert (back.architecture["approximate_gelu"], back.architecture["layernorm_epsilon"]) == (False, 1e-2)
+    for key, value in flat.items():
+        assert back.flat[key].tobytes() == value.tobytes(), key
+
+
+def test_tanh_gelu_vit_exports_with_gelu_tanh(tmp_path):
+    npz, _ = vit_npz(tmp_path / "augreg.npz")
+    record = export.export_student(npz, str(tmp_path / "out"), formats=["timm"])
+    assert record["formats"]["timm"]["passed"]
+    config = json.load(open(tmp_path / "out" / "timm" / "config.json"))
+    assert config["model_args"]["act_layer"] == "gelu_tanh" and config["remem_jax"]["approximate_gelu"] is True
+
+
+def test_a_wrong_timm_file_fails_verification(tmp_path, monkeypatch):
+    """The on-the-spot check catches a converter that swaps query and key: nothing is published."""
+    real = hub_checkpoints.augreg_to_timm
+
+    def swapped(flat):
+        sd = real(flat)
+        for i in range(2):
+            q, k, v = np.split(sd[f"blocks.{i}.attn.qkv.weight"], 3)
+            sd[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([k, q, v])
+        return sd
+
+    monkeypatch.setattr(hub_checkpoints, "augreg_to_timm", swapped)
+    npz, _ = vit_npz(tmp_path / "student.npz")
+    with pytest.raises(export.VerificationError, match="timm logits differ"):
+        export.export_student(npz, str(tmp_path / "out"), formats=["timm"])
+    assert not (tmp_path / "out" / "timm").exists()
+
+
+def test_timm_format_is_for_vits_only():
+    with pytest.raises(export.ExportError, match="'timm' in --formats is for ViTs only"):
+        export.check_formats(["timm"], "--formats", known=export.FORMATS)
