@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar100"            # a name of remem_jax/data/registry.py; configs/remem.py:<name> sets it
     c.stages = ("finetune_teacher", "distill_student")  # run in order; the stage table: remem_jax/train/stages.py
     c.seed = 0                        # seeds init, data order and dropout
+    c.vit_export_formats = ()         # also export every ViT a stage saves (pretrained / kept teachers, WeCoLoRA and TinyMIM students) in these formats (stablehlo, savedmodel, tflite, timm), verified, to <npz name>_export/
 
     # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
     c.data = ml_collections.ConfigDict()

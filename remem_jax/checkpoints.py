@@ -417,10 +417,10 @@ def read_vit(path_or_name: str, *, cache_dir: Optional[str] = None) -> VitFile:
         options = {k: v for k, v in options.items() if v != vit.NUMERIC_OPTIONS[k]}
     else:
         flat, options = split_options(to_raw_names(load_npz(path, cache_dir=cache_dir)), path)
-        if "head/kernel" not in flat:
-            raise CheckpointError(f"Checkpoint {path!r} has no head/kernel.")
     found = infer_vit_config(flat)
     image_size, num_classes = found.pop("image_size"), found.pop("num_classes")
+    if num_classes is None and not hub_checkpoints.is_hub_checkpoint(path_or_name):
+        raise CheckpointError(f"Checkpoint {path!r} has no head/kernel.")
     return VitFile(path, flat, {**found, **options}, image_size, num_classes or 0)
 
 
