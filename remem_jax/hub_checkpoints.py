@@ -174,15 +174,39 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
         import safetensors.numpy
         try:
             return dict(safetensors.numpy.load_file(path))
-        except KeyError as e:  # a dtype NumPy lacks, e.g. BF16
-            raise checkpoints.CheckpointError(
-                f"{path!r} holds {e.args[0]} tensors, which safetensors cannot read into NumPy; save it in "
-                "float32 (e.g. `model.float()` before `save_file`).") from e
+        except KeyError:  # a dtype safetensors' NumPy reader lacks (BF16): the file itself was valid
+            return _read_safetensors_via_ml_dtypes(path)
         except Exception as e:  # safetensors' SafetensorError is a plain Exception subclass
             raise checkpoints.CheckpointError(
                 f"Checkpoint {path!r} ({os.path.getsize(path)} bytes) is not a readable safetensors file; it "
                 f"may be truncated or corrupt: {e}") from e
     return _read_torch_pickle(path)
+
+
+# safetensors dtype names -> NumPy dtypes (bfloat16 from ml_dtypes, which JAX depends on).
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_safetensors_via_ml_dtypes(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (format: u64 header size, JSON header, data) with bfloat16 ones
+    as float32; for the files `safetensors.numpy` cannot read (it has no bfloat16)."""
+    import ml_dtypes
+    with open(path, "rb") as f:
+        data = f.read()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    out = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if spec["dtype"] not in _SAFETENSORS_DTYPES:
+            raise checkpoints.CheckpointError(f"{path!r}: tensor {name!r} has dtype {spec['dtype']}, which is not read.")
+        dtype = ml_dtypes.bfloat16 if spec["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
+        start, end = spec["data_offsets"]
+        value = np.frombuffer(data[8 + size + start:8 + size + end], dtype).reshape(spec["shape"])
+        out[name] = value.astype(np.float32) if spec["dtype"] == "BF16" else value
+    return out
 
 
 def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:

@@ -253,6 +253,19 @@ def test_bin_file_reads_with_torch_weights_only(tmp_path):
     assert np.abs(got - hf_logits(torch_model, x)).max() <= TOLERANCE
 
 
+def test_bfloat16_safetensors_read_without_torch(tmp_path):
+    """A bfloat16 file (safetensors' NumPy reader has no bfloat16): read exactly, as float32."""
+    torch_model = hf_model().to(torch.bfloat16)
+    folder = save_layout(torch_model, tmp_path / "bf16", "hf")
+    ckpt = checkpoints.read_vit(folder)
+    want = torch_model.vit.embeddings.patch_embeddings.projection.weight.detach().float().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(ckpt.flat["embedding/kernel"], want)
+    x = images(2, 32)
+    model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes)
+    got = np.asarray(model.apply({"params": checkpoints.load_into(model, ckpt)}, x))
+    assert np.abs(got - hf_logits(torch_model.float(), x)).max() <= TOLERANCE
+
+
 class _Payload:  # a pickle that would run code under a plain torch.load
     def __reduce__(self):
         return (os.system, ("echo never",))
