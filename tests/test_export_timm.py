@@ -72,3 +72,33 @@ def test_a_wrong_timm_file_fails_verification(tmp_path, monkeypatch):
 def test_timm_format_is_for_vits_only():
     with pytest.raises(export.ExportError, match="'timm' in --formats is for ViTs only"):
         export.check_formats(["timm"], "--formats", known=export.FORMATS)
+
+
+# ----------------------------------------------------------------------------- the options in the stages
+
+def test_stage_models_and_saved_vits_keep_the_file_options(tmp_path):
+    """A teacher file with exact GELU and eps 1e-2: the finetune_teacher model, the WeCoLoRA student built
+    from it and the kept teacher the stage saves (with config.vit_export_formats=('timm',), verified on the
+    digits eval images) all keep both options."""
+    from configs import digits
+    from remem_jax.train import common, teacher, wecolora
+    npz, _ = vit_npz(tmp_path / "hf_teacher.npz", approximate_gelu=False, layernorm_epsilon=1e-2)
+    config = digits.get_config()
+    config.data.image_size = 16
+    config.vit_export_formats = ("timm",)
+    ckpt = checkpoints.read_vit(npz)
+    model = teacher.finetune_model(config.finetune, ckpt, 10, teacher.setting_hyperparameters(config.finetune, "remem"))
+    assert (model.approximate_gelu, model.layernorm_epsilon, model.mlp_alpha) == (False, 1e-2,
+                                                                                   config.finetune.mlp_alpha)
+    params = checkpoints.load_into(model, ckpt)
+    student = wecolora.build_student("wecolora", model.clone(mlp_alpha=1.0), params, d=2, lora_rank=2,
+                                     image_size=16, rng=jax.random.PRNGKey(0))
+    assert (student.model.approximate_gelu, student.model.layernorm_epsilon) == (False, 1e-2)
+    path = str(tmp_path / "teachers" / "step_5.npz")
+    teacher.export_teacher(common.RunContext(config, str(tmp_path)), params, model, path)
+    saved = checkpoints.read_vit(path)
+    assert (saved.architecture["approximate_gelu"], saved.architecture["layernorm_epsilon"]) == (False, 1e-2)
+    record = json.load(open(tmp_path / "teachers" / "step_5_export" / export.VERIFICATION_JSON))
+    assert record["formats"]["timm"]["passed"] and "digits" in record["image_source"]
+    assert checkpoints.read_vit(str(tmp_path / "teachers" / "step_5_export" / "timm")).architecture == \
+        saved.architecture
