@@ -201,7 +201,8 @@ def _read_safetensors_via_ml_dtypes(path: str) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         if spec["dtype"] not in _SAFETENSORS_DTYPES:
-            raise checkpoints.CheckpointError(f"{path!r}: tensor {name!r} has dtype {spec['dtype']}, which is not read.")
+            raise checkpoints.CheckpointError(
+                f"{path!r}: tensor {name!r} has dtype {spec['dtype']}, which is not read.")
         dtype = ml_dtypes.bfloat16 if spec["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[spec["dtype"]])
         start, end = spec["data_offsets"]
         value = np.frombuffer(data[8 + size + start:8 + size + end], dtype).reshape(spec["shape"])
@@ -546,9 +547,9 @@ def augreg_to_timm(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         width = flat[attn + "query/kernel"].shape[0]
         sd[dst + "norm1.weight"] = flat[src + "LayerNorm_0/scale"]
         sd[dst + "norm1.bias"] = flat[src + "LayerNorm_0/bias"]
-        sd[dst + "attn.qkv.weight"] = np.concatenate(
-            [flat[attn + n + "/kernel"].reshape(width, -1).T for n in ("query", "key", "value")])
-        sd[dst + "attn.qkv.bias"] = np.concatenate([flat[attn + n + "/bias"].reshape(-1) for n in ("query", "key", "value")])
+        qkv = ("query", "key", "value")  # timm's rows: [q; k; v], each head-major
+        sd[dst + "attn.qkv.weight"] = np.concatenate([flat[attn + n + "/kernel"].reshape(width, -1).T for n in qkv])
+        sd[dst + "attn.qkv.bias"] = np.concatenate([flat[attn + n + "/bias"].reshape(-1) for n in qkv])
         sd[dst + "attn.proj.weight"] = flat[attn + "out/kernel"].reshape(-1, width).T
         sd[dst + "attn.proj.bias"] = flat[attn + "out/bias"]
         sd[dst + "norm2.weight"] = flat[src + "LayerNorm_2/scale"]

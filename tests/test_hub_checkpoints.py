@@ -64,48 +64,38 @@ def hub_state_dict(model):
         return safetensors_torch.load_file(os.path.join(d, "model.safetensors"))
 
 
+# (Hugging Face hub name, timm name): the documented correspondence of the two libraries' modules.
+TOP_NAMES = [("vit.embeddings.cls_token", "cls_token"), ("vit.embeddings.position_embeddings", "pos_embed")] + [
+    (f"{h}.{part}", f"{t}.{part}") for h, t in (("vit.embeddings.patch_embeddings.projection", "patch_embed.proj"),
+                                                ("vit.layernorm", "norm"), ("classifier", "head"))
+    for part in ("weight", "bias")]
+BLOCK_NAMES = [("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+               ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")]
+QKV = ("query", "key", "value")  # timm's attn.qkv: rows [query; key; value]
+
+
 def hf_to_timm(sd):
-    """Hub-layout Hugging Face ViT state dict -> timm VisionTransformer names (timm's module names)."""
-    out = {"cls_token": sd["vit.embeddings.cls_token"], "pos_embed": sd["vit.embeddings.position_embeddings"],
-           "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": sd["vit.embeddings.patch_embeddings.projection.bias"],
-           "norm.weight": sd["vit.layernorm.weight"], "norm.bias": sd["vit.layernorm.bias"],
-           "head.weight": sd["classifier.weight"], "head.bias": sd["classifier.bias"]}
-    i = 0
-    while f"vit.encoder.layer.{i}.layernorm_before.weight" in sd:
+    """Hub-layout Hugging Face ViT state dict -> timm VisionTransformer names."""
+    out = {t: sd[h] for h, t in TOP_NAMES}
+    for i in range(len({k.split(".")[3] for k in sd if k.startswith("vit.encoder.layer.")})):
         h, t = f"vit.encoder.layer.{i}.", f"blocks.{i}."
-        a = h + "attention.attention."
         for part in ("weight", "bias"):
-            out[t + "attn.qkv." + part] = torch.cat([sd[a + n + "." + part] for n in ("query", "key", "value")])
-            out[t + "attn.proj." + part] = sd[h + "attention.output.dense." + part]
-            out[t + "norm1." + part] = sd[h + "layernorm_before." + part]
-            out[t + "norm2." + part] = sd[h + "layernorm_after." + part]
-            out[t + "mlp.fc1." + part] = sd[h + "intermediate.dense." + part]
-            out[t + "mlp.fc2." + part] = sd[h + "output.dense." + part]
-        i += 1
+            out[f"{t}attn.qkv.{part}"] = torch.cat([sd[f"{h}attention.attention.{n}.{part}"] for n in QKV])
+            out.update({f"{t}{tn}.{part}": sd[f"{h}{hn}.{part}"] for hn, tn in BLOCK_NAMES})
     return out
 
 
 def timm_to_hf(sd):
     """The inverse renaming (timm names -> hub-layout Hugging Face names), for loading our timm export."""
-    out = {"vit.embeddings.cls_token": sd["cls_token"], "vit.embeddings.position_embeddings": sd["pos_embed"],
-           "vit.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "vit.layernorm.weight": sd["norm.weight"], "vit.layernorm.bias": sd["norm.bias"],
-           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
-    i = 0
-    while f"blocks.{i}.norm1.weight" in sd:
+    sd = {k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}
+    out = {h: sd[t] for h, t in TOP_NAMES}
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
         h, t = f"vit.encoder.layer.{i}.", f"blocks.{i}."
         for part in ("weight", "bias"):
-            for n, chunk in zip(("query", "key", "value"), torch.chunk(torch.as_tensor(sd[t + "attn.qkv." + part]), 3)):
-                out[h + "attention.attention." + n + "." + part] = chunk
-            out[h + "attention.output.dense." + part] = sd[t + "attn.proj." + part]
-            out[h + "layernorm_before." + part] = sd[t + "norm1." + part]
-            out[h + "layernorm_after." + part] = sd[t + "norm2." + part]
-            out[h + "intermediate.dense." + part] = sd[t + "mlp.fc1." + part]
-            out[h + "output.dense." + part] = sd[t + "mlp.fc2." + part]
-        i += 1
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in out.items()}
+            chunks = torch.chunk(sd[f"{t}attn.qkv.{part}"], 3)
+            out.update(zip([f"{h}attention.attention.{n}.{part}" for n in QKV], chunks))
+            out.update({f"{h}{hn}.{part}": sd[f"{t}{tn}.{part}"] for hn, tn in BLOCK_NAMES})
+    return out
 
 
 def save_layout(model, folder, layout):
