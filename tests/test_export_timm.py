@@ -14,7 +14,7 @@ def vit_npz(path, **options):
     """A 2-block ViT (width 32, patch 8, 16 px, 3 classes) with a random head, saved with `options`."""
     model = vit.VisionTransformer(num_classes=3, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
                                   mlp_dim=64, **options)
-    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
     flat = {k: np.asarray(v) for k, v in tree.flatten_params(params).items()}
     rng = np.random.default_rng(0)
     flat["head/kernel"] = rng.normal(size=flat["head/kernel"].shape).astype(np.float32)

@@ -21,7 +21,7 @@ import pytest
 from remem_jax import checkpoints, hub_checkpoints, tree
 from remem_jax.checkpoints import CheckpointError
 from remem_jax.models import vit
-from tests import helpers
+from tests import augreg_format as fmt
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,7 @@ def images(n, size, seed=1):
 
 def jax_logits(path, x, **kwargs):
     model, params = checkpoints.load_augreg(path, **kwargs)
-    return model, np.asarray(model.apply({"params": params}, x))
+    return model, np.asarray(jax.jit(model.apply)({"params": params}, x))
 
 
 # ----------------------------------------------------------------------------- loading: logits vs PyTorch
@@ -204,7 +204,7 @@ def test_resized_position_embeddings_match_pytorch(tmp_path):
 
 def test_input_normalisation_is_folded_into_the_patch_embedding(tmp_path):
     """A model trained on ImageNet mean/std inputs reads the project's [-1, 1] images after the fold."""
-    torch_model = hf_model(classes=3)
+    torch_model = hf_model()
     path = save_layout(torch_model, tmp_path / "hf", "hf")
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
@@ -282,15 +282,18 @@ def test_options_survive_an_npz_save(tmp_path):
     again = checkpoints.read_vit(str(tmp_path / "t.npz"))
     assert {k: again.architecture[k] for k in vit.NUMERIC_OPTIONS} == {"approximate_gelu": False,
                                                                       "layernorm_epsilon": 1e-2}
-    plain = helpers.random_vit_npz(tmp_path / "plain.npz")
-    assert not [k for k in np.load(plain).files if k.startswith(checkpoints.OPTIONS_PREFIX)]
+    plain = str(tmp_path / "plain.npz")
+    checkpoints.save_augreg(plain, params, vit.numeric_options(model.clone(approximate_gelu=True,
+                                                                            layernorm_epsilon=1e-6)))
+    assert sorted(np.load(plain).files) == sorted(tree.flatten_params(params))
     assert not set(vit.NUMERIC_OPTIONS) & set(checkpoints.read_vit(plain).architecture)
 
 
 # ----------------------------------------------------------------------------- out: timm files
 
 def test_npz_to_timm_to_npz_is_bit_identical(tmp_path):
-    path = helpers.random_vit_npz(tmp_path / "s.npz", image_size=16)
+    path = str(tmp_path / "s.npz")
+    np.savez(path, **fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 10, num_layers=2)))
     ckpt = checkpoints.read_vit(path)
     hub_checkpoints.write_timm(str(tmp_path / "timm"), ckpt.flat, ckpt.architecture, ckpt.image_size,
                                ckpt.num_classes)
@@ -304,7 +307,7 @@ def test_npz_to_timm_to_npz_is_bit_identical(tmp_path):
 def test_timm_export_loads_in_pytorch_with_equal_logits(tmp_path):
     """Our timm file, renamed as timm's names document into a Hugging Face model (exact GELU, eps as
     recorded), gives the Flax logits; `timm_forward` (the export's on-the-spot check) does too."""
-    torch_model = hf_model(layer_norm_eps=1e-6)
+    torch_model = hf_model()
     ckpt = checkpoints.read_vit(save_layout(torch_model, tmp_path / "hf", "hf"))
     model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes)
     params = checkpoints.load_into(model, ckpt)
@@ -313,7 +316,7 @@ def test_timm_export_loads_in_pytorch_with_equal_logits(tmp_path):
     sd = safetensors_torch.load_file(str(out / "model.safetensors"))
     config = json.load(open(out / "config.json"))
     assert config["model_args"]["num_heads"] == 4 and "act_layer" not in config["model_args"]
-    assert config["remem_jax"]["layernorm_epsilon"] == 1e-6
+    assert config["remem_jax"]["layernorm_epsilon"] == 1e-12
     hub = tmp_path / "as_hf"  # loaded the way transformers loads hub files (from_pretrained)
     hub.mkdir()
     safetensors_torch.save_file({k: v.contiguous() for k, v in timm_to_hf(sd).items()},
@@ -329,20 +332,20 @@ def test_timm_export_loads_in_pytorch_with_equal_logits(tmp_path):
 
 
 def test_timm_forward_follows_the_tanh_gelu_option():
-    """timm_forward on an AugReg (tanh GELU) model: act_layer='gelu_tanh' matches, exact GELU does not."""
-    model = vit.VisionTransformer(num_classes=3, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
-    params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))["params"]
-    flat = {k: np.asarray(v) for k, v in tree.flatten_params(params).items()}
-    flat["head/kernel"] = np.random.default_rng(0).normal(size=flat["head/kernel"].shape).astype(np.float32)
-    architecture = checkpoints.infer_vit_config(flat)
+    """timm_forward of a converted AugReg model equals the independent NumPy ViT (tests/augreg_format.py):
+    with act_layer='gelu_tanh' for a tanh-GELU model, and not with timm's exact GELU."""
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 3, num_layers=2))
+    architecture = {**checkpoints.infer_vit_config(flat), "approximate_gelu": True}
     args = hub_checkpoints.timm_model_args(architecture, 16, 3)
     assert args["act_layer"] == "gelu_tanh"
     x = images(2, 16)
-    want = np.asarray(model.apply({"params": tree.unflatten_params(flat)}, x))
     sd = hub_checkpoints.augreg_to_timm(flat)
-    assert np.abs(hub_checkpoints.timm_forward(sd, args, x.transpose(0, 3, 1, 2)) - want).max() <= TOLERANCE
-    exact = {k: v for k, v in args.items() if k != "act_layer"}
-    assert np.abs(hub_checkpoints.timm_forward(sd, exact, x.transpose(0, 3, 1, 2)) - want).max() > TOLERANCE
+    for gelu, model_args in ((fmt.gelu_tanh, args), (fmt.gelu_exact, {k: v for k, v in args.items() if k != "act_layer"})):
+        want = fmt.reference_forward(flat, x, patch=8, gelu=gelu)
+        assert np.abs(hub_checkpoints.timm_forward(sd, model_args, x.transpose(0, 3, 1, 2)) - want).max() <= 1e-9
+    assert np.abs(hub_checkpoints.timm_forward(sd, {k: v for k, v in args.items() if k != "act_layer"},
+                                               x.transpose(0, 3, 1, 2))
+                  - fmt.reference_forward(flat, x, patch=8)).max() > TOLERANCE
 
 
 # ----------------------------------------------------------------------------- refused layouts, bad files
