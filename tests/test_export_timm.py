@@ -102,3 +102,10 @@ def test_stage_models_and_saved_vits_keep_the_file_options(tmp_path):
     assert record["formats"]["timm"]["passed"] and "digits" in record["image_source"]
     assert checkpoints.read_vit(str(tmp_path / "teachers" / "step_5_export" / "timm")).architecture == \
         saved.architecture
+
+
+def test_hub_files_get_readable_labels_in_the_analysis_tables():
+    from remem_jax.analysis.stage import _label_of
+    assert [_label_of(p) for p in ("w/finetune/remem/teachers/step_5.npz", "/ckpt/vit-b16/model.safetensors",
+                                   "/ckpt/deit_small.pth", "/ckpt/dino_vits16/")] == [
+        "step_5", "vit-b16", "deit_small", "dino_vits16"]
