@@ -246,12 +246,14 @@ def is_vit_npz(npz: str) -> bool:
 
 
 def vit_model_info(npz: str, class_names: Optional[list] = None, dataset: Optional[str] = None) -> ModelInfo:
-    """The ModelInfo of a ViT npz, read from the file: architecture and numeric options, head, resolution."""
+    """The ModelInfo of a ViT npz, read from the file: architecture, head, resolution, and both numeric
+    options written out (the AugReg defaults included), so model.json says how the model computes."""
     from remem_jax import checkpoints
+    from remem_jax.models import vit
     ckpt = checkpoints.read_vit(npz)
     names = class_names if class_names is not None else [f"class_{i}" for i in range(ckpt.num_classes)]
     return ModelInfo(architecture=VIT, num_classes=ckpt.num_classes, image_size=ckpt.image_size,
-                     class_names=list(names), kwargs=dict(ckpt.architecture), dataset=dataset)
+                     class_names=list(names), kwargs={**vit.NUMERIC_OPTIONS, **ckpt.architecture}, dataset=dataset)
 
 
 def _cpu():

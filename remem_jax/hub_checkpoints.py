@@ -122,7 +122,10 @@ def resolve_hf_hub(name: str) -> str:
     root = os.path.join(hf_cache_dir(), "models--" + repo.replace("/", "--"))
     revision = revision or "main"
     ref = os.path.join(root, "refs", revision)
-    commit = open(ref).read().strip() if os.path.isfile(ref) else revision
+    commit = revision
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            commit = f.read().strip()
     snapshot = os.path.join(root, "snapshots", commit)
     if not os.path.isdir(snapshot):
         raise checkpoints.CheckpointError(
@@ -134,6 +137,10 @@ def resolve_hf_hub(name: str) -> str:
 def locate(path_or_name: str) -> tuple[str, Optional[str]]:
     """The weight file and the `config.json` beside it (None when there is none) of a hub checkpoint."""
     path = resolve_hf_hub(path_or_name) if path_or_name.startswith(HF_HUB_PREFIX) else path_or_name
+    if files.is_remote(path):
+        raise checkpoints.CheckpointError(
+            f"{path!r}: timm / Hugging Face checkpoints are read from local files; copy it here first "
+            "(e.g. `gsutil cp`), with its config.json.")
     if os.path.isdir(path):
         found = [os.path.join(path, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
         if not found:
@@ -375,7 +382,7 @@ def to_augreg(tensors: Mapping[str, np.ndarray], *, num_heads: int, source: str)
         flat["pre_logits/bias"] = take(pooler + ".bias", (width,))
     if take.optional(top["head"] + ".weight"):
         head = take(top["head"] + ".weight")
-        if head.ndim != 2 or head.shape[1] != flat.get("pre_logits/bias", np.empty(width)).shape[0]:
+        if head.ndim != 2 or head.shape[1] != width:
             raise checkpoints.CheckpointError(f"{source}: {top['head']}.weight has shape {head.shape}; expected "
                                               f"(classes, {width}).")
         flat["head/kernel"] = head.T

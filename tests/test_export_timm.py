@@ -32,6 +32,7 @@ def test_vit_npz_exports_to_timm_with_its_options(tmp_path):
     assert entry["passed"] and entry["max_abs_diff"] <= 1e-5 and entry["features_max_abs_diff"] <= 1e-5
     info = export.read_model_info(str(tmp_path / "out"))
     assert info.architecture == export.VIT and info.formats == {"timm": "timm"}
+    assert export.read_model_info(str(tmp_path / "out")).kwargs["num_heads"] == 2
     assert (info.kwargs["approximate_gelu"], info.kwargs["layernorm_epsilon"]) == (False, 1e-2)
     model = export.build_student(info)
     assert (model.approximate_gelu, model.layernorm_epsilon) == (False, 1e-2)
@@ -49,6 +50,8 @@ def test_tanh_gelu_vit_exports_with_gelu_tanh(tmp_path):
     assert record["formats"]["timm"]["passed"]
     config = json.load(open(tmp_path / "out" / "timm" / "config.json"))
     assert config["model_args"]["act_layer"] == "gelu_tanh" and config["remem_jax"]["approximate_gelu"] is True
+    kwargs = export.read_model_info(str(tmp_path / "out")).kwargs  # written out, defaults included
+    assert (kwargs["approximate_gelu"], kwargs["layernorm_epsilon"]) == (True, 1e-6)
 
 
 def test_a_wrong_timm_file_fails_verification(tmp_path, monkeypatch):
