@@ -27,7 +27,7 @@ The formats, each a self-contained file with the weights inside:
 
 * `timm` (ViTs only) -> `timm/`: `model.safetensors` (a timm `VisionTransformer` state dict) and
   `config.json` (timm's `architecture`, `model_args`, `pretrained_cfg`, and our numeric options);
-  `timm.create_model('local-dir:OUT/timm')` loads it (`hub_checkpoints.write_timm`). It is verified
+  `timm.create_model('local-dir:OUT/timm', pretrained=True)` loads it (`hub_checkpoints.write_timm`). It is verified
   with `hub_checkpoints.timm_forward`, a NumPy forward pass of timm's VisionTransformer that reads
   the written file (no torch needed).
 

@@ -27,7 +27,7 @@ Reading needs no PyTorch: safetensors read straight into NumPy. `.bin` / `.pth` 
 are read only with its weights-only unpickler, so a checkpoint can never run code.
 
 Out: `augreg_to_timm` / `timm_model_args` / `write_timm` give a timm `VisionTransformer` state
-dict, its model arguments and a folder `timm.create_model('local-dir:<folder>')` loads;
+dict, its model arguments and a folder `timm.create_model('local-dir:<folder>', pretrained=True)` loads;
 `timm_forward` is a NumPy forward pass of that state dict (timm's arithmetic, written from its
 code) that the export verifies against.
 """

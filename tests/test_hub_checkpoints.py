@@ -430,3 +430,47 @@ def test_hf_hub_name_reads_the_local_cache_or_says_how_to_download(tmp_path, mon
     (tmp_path / "hub" / "models--timm--vit_tiny_test.augreg_in21k" / "refs" / "main").write_text("abc123")
     ckpt = checkpoints.read_vit(name)
     assert ckpt.path == str(snapshot / "model.safetensors") and ckpt.architecture["num_heads"] == 2
+
+
+# ----------------------------------------------------------------------------- timm itself, where it imports
+
+def _timm():
+    try:
+        import timm
+    except ImportError as e:  # timm needs torchvision, which PyPI does not build beside the CPU torch
+        pytest.skip(f"timm does not import here ({e}); its layout is checked by renaming above")
+    return timm
+
+
+def test_timm_save_for_hf_loads_with_timm_logits(tmp_path):
+    """A random timm ViT (exact GELU, eps 1e-6) saved by timm's own `save_for_hf`: equal logits here."""
+    timm = _timm()
+    args = dict(img_size=48, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=7)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    timm.models.save_for_hf(model, str(tmp_path / "timm"), model_args=args, safe_serialization=True)
+    x = images(2, 48)
+    _, got = jax_logits(str(tmp_path / "timm"), x)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.abs(got - want).max() <= TOLERANCE, np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("options", [{}, {"approximate_gelu": False}])
+def test_exported_timm_folder_loads_in_timm(tmp_path, options):
+    """`timm.create_model('local-dir:...')` on our export gives the Flax logits (tanh GELU as gelu_tanh)."""
+    timm = _timm()
+    flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 3, num_layers=2))
+    architecture = {**checkpoints.infer_vit_config(flat), **options}
+    architecture.pop("image_size"), architecture.pop("num_classes")
+    hub_checkpoints.write_timm(str(tmp_path / "out"), flat, architecture, 16, 3)
+    model = vit.VisionTransformer(num_classes=3, **architecture)
+    x = images(2, 16)
+    flax = np.asarray(jax.jit(model.apply)({"params": tree.unflatten_params(flat)}, x))
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    with torch.no_grad():
+        got = loaded(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.abs(got - flax).max() <= TOLERANCE, np.abs(got - flax).max()
