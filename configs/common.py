@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
+    c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, 'pretrain' (the pretrain_teacher stage's npz), or a timm / Hugging Face ViT: .safetensors/.bin/.pth, its folder, hf-hub:<org>/<repo> (docs/checkpoints.md)
     c.teacher.dtype = "auto"          # teacher compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
     c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 
