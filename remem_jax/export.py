@@ -27,8 +27,8 @@ The formats, each a self-contained file with the weights inside:
 
 * `timm` (ViTs only) -> `timm/`: `model.safetensors` (a timm `VisionTransformer` state dict) and
   `config.json` (timm's `architecture`, `model_args`, `pretrained_cfg`, and our numeric options);
-  `timm.create_model('local-dir:OUT/timm', pretrained=True)` loads it (`hub_checkpoints.write_timm`). It is verified
-  with `hub_checkpoints.timm_forward`, a NumPy forward pass of timm's VisionTransformer that reads
+  `timm.create_model('local-dir:OUT/timm', pretrained=True)` loads it (`timm_export.write_timm`). It is verified
+  with `timm_export.timm_forward`, a NumPy forward pass of timm's VisionTransformer that reads
   the written file (no torch needed).
 
 Any ViT npz the project writes (a kept ReMem teacher, reweighting folded; a WeCoLoRA student, LoRA
@@ -339,13 +339,13 @@ def _quiet_tensorflow():
 
 
 def export_timm(model, variables, info: ModelInfo, directory: str) -> None:
-    """Writes the ViT `model` as a timm folder (`hub_checkpoints.write_timm`) to local `directory`."""
-    from remem_jax import hub_checkpoints, tree
+    """Writes the ViT `model` as a timm folder (`timm_export.write_timm`) to local `directory`."""
+    from remem_jax import timm_export, tree
     if info.architecture != VIT:
         raise ExportError(f"the timm format is for ViTs; this student is a {info.architecture}.")
     flat = {k: np.asarray(v) for k, v in tree.flatten_params(variables["params"]).items()}
     architecture = {**info.kwargs, **{k: getattr(model, k) for k in ("approximate_gelu", "layernorm_epsilon")}}
-    hub_checkpoints.write_timm(directory, flat, architecture, info.image_size, info.num_classes, info.class_names)
+    timm_export.write_timm(directory, flat, architecture, info.image_size, info.num_classes, info.class_names)
 
 
 def export_tflite(saved_model_dir: str) -> bytes:
@@ -407,21 +407,18 @@ def load_runner(fmt: str, directory: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: np.asarray(runner(images=np.asarray(images, np.float32))["logits"])
 
 
-def _timm_runner(path: str) -> Callable[[np.ndarray], np.ndarray]:
-    """The timm folder at `path` run by `hub_checkpoints.timm_forward` (NHWC in, as the other runners)."""
-    import json
-
-    import safetensors.numpy
-
-    from remem_jax import hub_checkpoints
+def _timm_runner(path: str, drop_head: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """The timm folder at `path` run by `timm_export.timm_forward` (NHWC in, as the other runners);
+    `drop_head`: its pre-head features (the normed class token) instead of logits."""
+    from remem_jax import timm_export
     try:
-        state = safetensors.numpy.load(files.read_bytes(os.path.join(path, "model.safetensors")))
-        config = json.loads(files.read_bytes(os.path.join(path, hub_checkpoints.CONFIG_JSON)))
+        state, model_args, eps = timm_export.read_timm(path)
     except Exception as e:  # noqa: BLE001 - a missing or damaged file, whatever the library raises
         raise ExportError(f"{path!r} is not a readable timm folder ({type(e).__name__}: {_first_line(e)}).") from e
-    eps = config.get(hub_checkpoints.REMEM_KEY, {}).get("layernorm_epsilon", hub_checkpoints.TIMM_DEFAULT_EPSILON)
-    return lambda images: hub_checkpoints.timm_forward(
-        state, config["model_args"], np.asarray(images, np.float32).transpose(0, 3, 1, 2), eps).astype(np.float32)
+    if drop_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return lambda images: timm_export.timm_forward(
+        state, model_args, np.asarray(images, np.float32).transpose(0, 3, 1, 2), eps).astype(np.float32)
 
 
 def load_savedmodel(path: str):
@@ -521,17 +518,7 @@ def _verify_uint8_signature(loaded, reference_fn: Callable, images: np.ndarray, 
 
 def _verify_timm_features(model, variables, directory: str, images: np.ndarray) -> float:
     """max |difference| of the written timm folder's pre-head features (normed CLS) and the Flax model's."""
-    import json
-
-    import safetensors.numpy
-
-    from remem_jax import hub_checkpoints
-    path = os.path.join(directory, FILES["timm"])
-    state = safetensors.numpy.load(files.read_bytes(os.path.join(path, "model.safetensors")))
-    config = json.loads(files.read_bytes(os.path.join(path, hub_checkpoints.CONFIG_JSON)))
-    features = hub_checkpoints.timm_forward({k: v for k, v in state.items() if not k.startswith("head.")},
-                                            config["model_args"], images.transpose(0, 3, 1, 2),
-                                            config[hub_checkpoints.REMEM_KEY]["layernorm_epsilon"])
+    features = _timm_runner(os.path.join(directory, FILES["timm"]), drop_head=True)(images)
     params = {k: v for k, v in variables["params"].items() if k != "head"}
     return _max_abs(flax_logits(model.clone(num_classes=None), {"params": params}, images), features)
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints, export, hub_checkpoints, tree
+from remem_jax import checkpoints, export, timm_export, tree
 from remem_jax.models import vit
 
 
@@ -56,7 +56,7 @@ def test_tanh_gelu_vit_exports_with_gelu_tanh(tmp_path):
 
 def test_a_wrong_timm_file_fails_verification(tmp_path, monkeypatch):
     """The on-the-spot check catches a converter that swaps query and key: nothing is published."""
-    real = hub_checkpoints.augreg_to_timm
+    real = timm_export.augreg_to_timm
 
     def swapped(flat):
         sd = real(flat)
@@ -65,7 +65,7 @@ def test_a_wrong_timm_file_fails_verification(tmp_path, monkeypatch):
             sd[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([k, q, v])
         return sd
 
-    monkeypatch.setattr(hub_checkpoints, "augreg_to_timm", swapped)
+    monkeypatch.setattr(timm_export, "augreg_to_timm", swapped)
     npz, _ = vit_npz(tmp_path / "student.npz")
     with pytest.raises(export.VerificationError, match="timm logits differ"):
         export.export_student(npz, str(tmp_path / "out"), formats=["timm"])

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from remem_jax import checkpoints, hub_checkpoints, tree
+from remem_jax import checkpoints, timm_export, tree
 from remem_jax.checkpoints import CheckpointError
 from remem_jax.models import vit
 from tests import augreg_format as fmt
@@ -295,7 +295,7 @@ def test_npz_to_timm_to_npz_is_bit_identical(tmp_path):
     path = str(tmp_path / "s.npz")
     np.savez(path, **fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 10, num_layers=2)))
     ckpt = checkpoints.read_vit(path)
-    hub_checkpoints.write_timm(str(tmp_path / "timm"), ckpt.flat, ckpt.architecture, ckpt.image_size,
+    timm_export.write_timm(str(tmp_path / "timm"), ckpt.flat, ckpt.architecture, ckpt.image_size,
                                ckpt.num_classes)
     back = checkpoints.read_vit(str(tmp_path / "timm"))
     assert back.architecture == ckpt.architecture and back.image_size == ckpt.image_size
@@ -312,7 +312,7 @@ def test_timm_export_loads_in_pytorch_with_equal_logits(tmp_path):
     model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes)
     params = checkpoints.load_into(model, ckpt)
     out = tmp_path / "timm"
-    hub_checkpoints.write_timm(str(out), ckpt.flat, ckpt.architecture, ckpt.image_size, ckpt.num_classes)
+    timm_export.write_timm(str(out), ckpt.flat, ckpt.architecture, ckpt.image_size, ckpt.num_classes)
     sd = safetensors_torch.load_file(str(out / "model.safetensors"))
     config = json.load(open(out / "config.json"))
     assert config["model_args"]["num_heads"] == 4 and "act_layer" not in config["model_args"]
@@ -326,7 +326,7 @@ def test_timm_export_loads_in_pytorch_with_equal_logits(tmp_path):
     x = images(3, 32)
     flax = np.asarray(model.apply({"params": params}, x))
     assert np.abs(hf_logits(fresh, x) - flax).max() <= TOLERANCE
-    numpy_timm = hub_checkpoints.timm_forward({k: v.numpy() for k, v in sd.items()}, config["model_args"],
+    numpy_timm = timm_export.timm_forward({k: v.numpy() for k, v in sd.items()}, config["model_args"],
                                               x.transpose(0, 3, 1, 2), config["remem_jax"]["layernorm_epsilon"])
     assert np.abs(numpy_timm - flax).max() <= TOLERANCE
 
@@ -336,14 +336,14 @@ def test_timm_forward_follows_the_tanh_gelu_option():
     with act_layer='gelu_tanh' for a tanh-GELU model, and not with timm's exact GELU."""
     flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 3, num_layers=2))
     architecture = {**checkpoints.infer_vit_config(flat), "approximate_gelu": True}
-    args = hub_checkpoints.timm_model_args(architecture, 16, 3)
+    args = timm_export.timm_model_args(architecture, 16, 3)
     assert args["act_layer"] == "gelu_tanh"
     x = images(2, 16)
-    sd = hub_checkpoints.augreg_to_timm(flat)
+    sd = timm_export.augreg_to_timm(flat)
     for gelu, model_args in ((fmt.gelu_tanh, args), (fmt.gelu_exact, {k: v for k, v in args.items() if k != "act_layer"})):
         want = fmt.reference_forward(flat, x, patch=8, gelu=gelu)
-        assert np.abs(hub_checkpoints.timm_forward(sd, model_args, x.transpose(0, 3, 1, 2)) - want).max() <= 1e-9
-    assert np.abs(hub_checkpoints.timm_forward(sd, {k: v for k, v in args.items() if k != "act_layer"},
+        assert np.abs(timm_export.timm_forward(sd, model_args, x.transpose(0, 3, 1, 2)) - want).max() <= 1e-9
+    assert np.abs(timm_export.timm_forward(sd, {k: v for k, v in args.items() if k != "act_layer"},
                                                x.transpose(0, 3, 1, 2))
                   - fmt.reference_forward(flat, x, patch=8)).max() > TOLERANCE
 
@@ -466,7 +466,7 @@ def test_exported_timm_folder_loads_in_timm(tmp_path, options):
     flat = fmt.random_checkpoint(fmt.documented_layout("Ti", 8, 16, 3, num_layers=2))
     architecture = {**checkpoints.infer_vit_config(flat), **options}
     architecture.pop("image_size"), architecture.pop("num_classes")
-    hub_checkpoints.write_timm(str(tmp_path / "out"), flat, architecture, 16, 3)
+    timm_export.write_timm(str(tmp_path / "out"), flat, architecture, 16, 3)
     model = vit.VisionTransformer(num_classes=3, **architecture)
     x = images(2, 16)
     flax = np.asarray(jax.jit(model.apply)({"params": tree.unflatten_params(flat)}, x))
