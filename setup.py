@@ -31,12 +31,18 @@ setuptools.setup(
         "clu>=0.0.12",
         "tensorboard>=2.16",
         "pillow>=10.0",
+        # timm / Hugging Face .safetensors teachers read into NumPy (hub_checkpoints; no torch at run time).
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",
                  # tests/test_notebooks.py executes colabs/*.ipynb and checks their jupytext pairing.
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "jupytext>=1.16",
                  # tests/test_wheel.py builds the wheel without build isolation (no download).
-                 "setuptools>=70.1"],
+                 "setuptools>=70.1",
+                 # tests/test_hub_checkpoints.py: the PyTorch forward of Hugging Face ViTs is the reference.
+                 # Pinned exactly: the CPU build (a loose range pulls a multi-GB CUDA build). timm is not
+                 # here: it needs torchvision, whose PyPI build does not import beside the CPU torch.
+                 "torch==2.13.0", "transformers>=4.40"],
     },
 )

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.stages = ("finetune_teacher", "distill_student")  # run in order; the stage table: remem_jax/train/stages.py
     c.seed = 0                        # seeds init, data order and dropout
     c.seeds = 1                       # >1: the run repeated with seeds seed, seed+1, ... (DIR/seeds/seed_<s>/); tables give mean and spread
+    c.vit_export_formats = ()         # also export every ViT a stage saves (pretrained / kept teachers, WeCoLoRA and TinyMIM students) in these formats (stablehlo, savedmodel, tflite, timm), verified, to <npz name>_export/
 
     # --- data (remem_jax/data); the data layer has no defaults of its own: these are the only ones ---
     c.data = ml_collections.ConfigDict()
@@ -45,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- teacher checkpoint (remem_jax/checkpoints.py) ---
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, or 'pretrain' (the pretrain_teacher stage's npz)
+    c.teacher.checkpoint = "B_16"     # AugReg name (B_16, B_16-i1k, ...), local or gs:// npz, 'pretrain' (the pretrain_teacher stage's npz), or a timm / Hugging Face ViT: .safetensors/.bin/.pth, its folder, hf-hub:<org>/<repo> (docs/checkpoints.md)
     c.teacher.dtype = "auto"          # teacher compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16
     c.teacher.cache_dir = ml_collections.FieldReference(None, field_type=str)  # local cache of remote checkpoints; None = ~/.cache/remem_jax/checkpoints
 

@@ -52,6 +52,9 @@ KNOWN_CHECKPOINTS: dict[str, str] = {
        for name, lr in _I1K_LR.items()},
 }
 
+# Scalars beside the parameters of a saved ViT npz: the numeric options of its model (`save_augreg`).
+OPTIONS_PREFIX = "model_options/"
+
 _LINEN_TO_RAW = {
     "LayerNorm_0": "LayerNorm_0",
     "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
@@ -76,11 +79,15 @@ def resolve_checkpoint(path_or_name: str) -> str:
     """
     if path_or_name in KNOWN_CHECKPOINTS:
         return KNOWN_CHECKPOINTS[path_or_name]
+    from remem_jax import hub_checkpoints
+    if hub_checkpoints.is_hub_checkpoint(path_or_name):
+        return path_or_name
     looks_like_path = "/" in path_or_name or path_or_name.endswith(".npz") or os.path.exists(path_or_name)
     if not looks_like_path:
         raise CheckpointError(
             f"Unknown checkpoint name {path_or_name!r}. Known names: "
-            f"{', '.join(sorted(KNOWN_CHECKPOINTS))}; or pass a local or gs:// path to an .npz file.")
+            f"{', '.join(sorted(KNOWN_CHECKPOINTS))}; or pass a local or gs:// path to an .npz file, a timm / "
+            "Hugging Face .safetensors / .bin / .pth file or its folder, or hf-hub:<org>/<repo>.")
     return path_or_name
 
 
@@ -212,7 +219,8 @@ def _check_is_npz(path: str, head: bytes, nbytes: int) -> None:
             f"archive has (its first bytes are {head[:8]!r}).")
 
 
-def _check_finite(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+def check_finite(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """A CheckpointError listing the arrays of `path` that hold NaN or inf values, if any."""
     bad = []
     for key in sorted(arrays):
         value = arrays[key]
@@ -272,7 +280,7 @@ def load_npz(path: str, *, cache_dir: Optional[str] = None) -> dict[str, np.ndar
         raise CheckpointError(
             f"Checkpoint {path!r} ({nbytes} bytes) is not a readable npz archive; it may be "
             f"truncated or corrupt: {type(e).__name__}: {e}") from e
-    _check_finite(path, arrays)
+    check_finite(path, arrays)
     return arrays
 
 
@@ -376,11 +384,13 @@ class VitFile:
     Attributes:
       path: the resolved path.
       flat: raw (AugReg) names -> float32 arrays.
-      architecture: the `VisionTransformer` fields the shapes fix (`patch_size`, `hidden_size`,
-        `num_layers`, `num_heads`, `mlp_dim`, `representation_size`, `adapter_dim`, and
-        `last_block_heads` when the last block's head count differs).
+      architecture: the `VisionTransformer` fields the file fixes: those its shapes fix (`patch_size`,
+        `hidden_size`, `num_layers`, `num_heads`, `mlp_dim`, `representation_size`, `adapter_dim`, and
+        `last_block_heads` when the last block's head count differs) and the numeric options it
+        carries (`approximate_gelu`, `layernorm_epsilon`; present only when they differ from
+        AugReg's, see `vit.NUMERIC_OPTIONS`).
       image_size: the square resolution its position embeddings were trained for.
-      num_classes: its head's class count.
+      num_classes: its head's class count (0 for a timm / Hugging Face file without a head).
     """
     path: str
     flat: Mapping[str, np.ndarray]
@@ -390,18 +400,28 @@ class VitFile:
 
 
 def read_vit(path_or_name: str, *, cache_dir: Optional[str] = None) -> VitFile:
-    """Reads an AugReg / ViT npz (a name, local or gs:// path) and the architecture its shapes fix.
+    """Reads a ViT checkpoint and the architecture it fixes.
+
+    `path_or_name` is an AugReg / ViT npz (a known name, a local or gs:// path), or a timm /
+    Hugging Face file, folder or `hf-hub:` name (`hub_checkpoints`, converted to the AugReg tree).
+    The numeric options a file carries (`split_options`; a hub file's from its config) go into
+    `architecture`, so every model built from it with `build_vit` computes as its source did.
 
     Raises:
-      CheckpointError: unknown name, a missing or unreadable file, or not a ViT with a head.
+      CheckpointError: unknown name, a missing or unreadable file, or not a ViT (an npz also needs a head).
     """
     path = resolve_checkpoint(path_or_name)
-    flat = to_raw_names(load_npz(path, cache_dir=cache_dir))
+    from remem_jax import hub_checkpoints
+    if hub_checkpoints.is_hub_checkpoint(path):
+        path, flat, options = hub_checkpoints.read(path)
+        options = {k: v for k, v in options.items() if v != vit.NUMERIC_OPTIONS[k]}
+    else:
+        flat, options = split_options(to_raw_names(load_npz(path, cache_dir=cache_dir)), path)
     found = infer_vit_config(flat)
     image_size, num_classes = found.pop("image_size"), found.pop("num_classes")
-    if num_classes is None:
+    if num_classes is None and not hub_checkpoints.is_hub_checkpoint(path_or_name):
         raise CheckpointError(f"Checkpoint {path!r} has no head/kernel.")
-    return VitFile(path, flat, found, image_size, num_classes)
+    return VitFile(path, flat, {**found, **options}, image_size, num_classes or 0)
 
 
 def load_into(model: vit.VisionTransformer, ckpt: VitFile, *, image_size: Optional[int] = None) -> dict[str, Any]:
@@ -499,13 +519,37 @@ def build_vit(ckpt: VitFile, **fields) -> vit.VisionTransformer:
         raise CheckpointError(f"Bad model override for {ckpt.path!r}: {e}") from e
 
 
-def save_augreg(path: str, params: Mapping[str, Any]) -> None:
+def split_options(flat: Mapping[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(parameters, numeric options)` of a flat npz tree: the `model_options/<name>` scalars
+    `save_augreg` writes are taken out and checked against `vit.NUMERIC_OPTIONS`."""
+    params, options = {}, {}
+    for key, value in flat.items():
+        if not key.startswith(OPTIONS_PREFIX):
+            params[key] = value
+            continue
+        name = key[len(OPTIONS_PREFIX):]
+        if name not in vit.NUMERIC_OPTIONS or np.ndim(value) != 0:
+            raise CheckpointError(f"Checkpoint {path!r}: {key!r} is not a model option this version knows "
+                                  f"(known: {', '.join(OPTIONS_PREFIX + n for n in vit.NUMERIC_OPTIONS)}, scalars).")
+        options[name] = type(vit.NUMERIC_OPTIONS[name])(np.asarray(value).item())
+    return params, options
+
+
+def save_augreg(path: str, params: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None) -> None:
     """Writes params as a flat AugReg npz, atomically (temporary file, then rename).
 
-    A crash mid-write never leaves a partial file at `path`. Works for local
-    and gs:// paths.
+    `options` (e.g. `vit.numeric_options(model)`) that differ from AugReg's defaults are stored as
+    scalars `model_options/<name>` beside the parameters, so the file keeps the arithmetic of the
+    model it came from (`read_vit` reads them back; AugReg loaders such as vit_jax's and timm's
+    read only the parameter keys). With the defaults the file is exactly the plain AugReg npz.
+    A crash mid-write never leaves a partial file at `path`. Works for local and gs:// paths.
     """
     flat = {k: np.asarray(jax.device_get(v)) for k, v in tree.flatten_params(params).items()}
+    for name, value in (options or {}).items():
+        if name not in vit.NUMERIC_OPTIONS:
+            raise ValueError(f"Unknown model option {name!r}; known: {', '.join(vit.NUMERIC_OPTIONS)}.")
+        if value != vit.NUMERIC_OPTIONS[name]:
+            flat[OPTIONS_PREFIX + name] = np.asarray(value)
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
     files.atomic_write(path, buffer.getvalue())

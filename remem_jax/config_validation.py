@@ -127,6 +127,10 @@ def validate(config: ml_collections.ConfigDict, stages: Mapping[str, Any]) -> No
     one_of("data.image_folder_metric", config.data.image_folder_metric, registry.METRICS)
 
     one_of("teacher.dtype", config.teacher.dtype, DTYPES)
+    from remem_jax import export
+    formats = config.get("vit_export_formats", ())
+    check(isinstance(formats, (tuple, list)) and all(f in export.VIT_FORMATS for f in formats), "vit_export_formats",
+          f"a tuple of {', '.join(export.VIT_FORMATS)} (() for none)", formats)
     for name in listed:
         if stages[name].validate is not None:
             stages[name].validate(config)

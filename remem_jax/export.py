@@ -25,6 +25,16 @@ The formats, each a self-contained file with the weights inside:
   `jax2tf`'s `native_serialization=False` no longer exists in current JAX anyway. The
   input keeps a dynamic batch (`shape_signature` [-1, S, S, 3]).
 
+* `timm` (ViTs only) -> `timm/`: `model.safetensors` (a timm `VisionTransformer` state dict) and
+  `config.json` (timm's `architecture`, `model_args`, `pretrained_cfg`, and our numeric options);
+  `timm.create_model('local-dir:OUT/timm', pretrained=True)` loads it (`timm_export.write_timm`). It is verified
+  with `timm_export.timm_forward`, a NumPy forward pass of timm's VisionTransformer that reads
+  the written file (no torch needed).
+
+Any ViT npz the project writes (a kept ReMem teacher, reweighting folded; a WeCoLoRA student, LoRA
+merged; a TinyMIM student) is a `--student`: without a model.json beside it, its ModelInfo
+(`architecture='vit'`) comes from the file, numeric options (GELU form, LayerNorm epsilon) included.
+
 Verification happens on the spot: every format is loaded back from the bytes that are
 written and run on a batch of real eval images (the configured dataset's eval pipeline,
 or images passed in) at batch size 1 and at the whole batch; its logits must equal the
@@ -51,10 +61,13 @@ import numpy as np
 from remem_jax import errors, files
 
 FORMATS = ("stablehlo", "savedmodel", "tflite")
+VIT_FORMATS = FORMATS + ("timm",)  # a ViT also exports as a timm folder
+VIT = "vit"  # ModelInfo.architecture of a ViT (kwargs: its VisionTransformer fields, numeric options included)
 PLATFORMS = ("cpu", "cuda", "tpu")
 TOLERANCE = 1e-4
 NUM_VERIFY_IMAGES = 8
-FILES = {"stablehlo": "student.stablehlo.bin", "savedmodel": "saved_model", "tflite": "student.tflite"}
+FILES = {"stablehlo": "student.stablehlo.bin", "savedmodel": "saved_model", "tflite": "student.tflite",
+         "timm": "timm"}
 STUDENT_NPZ = "student.npz"
 MODEL_JSON = "model.json"
 VERIFICATION_JSON = "verification.json"
@@ -79,12 +92,13 @@ class ModelInfo:
     """The contents of `model.json`: everything needed to rebuild, feed and label the student.
 
     Attributes:
-      architecture: a name of `remem_jax.models.students.STUDENTS`.
+      architecture: a name of `remem_jax.models.students.STUDENTS`, or `VIT`.
       num_classes: classifier outputs.
       image_size: input height = width S.
       class_names: `num_classes` names in label order.
       kwargs: further constructor arguments, JSON values (`width_multiplier` of
-        mobilenet_v2, `width` of the ResNets, `stages` of EfficientNetV2 as lists).
+        mobilenet_v2, `width` of the ResNets, `stages` of EfficientNetV2 as lists; a ViT's
+        `VisionTransformer` fields, `approximate_gelu` and `layernorm_epsilon` included).
       dataset: the registry dataset the student was trained on, if known.
       formats: format -> file name, of the exports verified in this directory.
     """
@@ -145,16 +159,25 @@ def write_model_info(directory: str, info: ModelInfo) -> None:
     files.write_json(os.path.join(directory, MODEL_JSON), info.to_json())
 
 
-def check_formats(formats: Iterable[str], field_name: str = "formats") -> tuple[str, ...]:
-    """`formats` as a tuple, or an ExportError naming the unknown ones."""
+def check_formats(formats: Iterable[str], field_name: str = "formats", known: Sequence[str] = FORMATS
+                  ) -> tuple[str, ...]:
+    """`formats` as a tuple, or an ExportError naming the unknown ones (`known`: VIT_FORMATS for a ViT)."""
     if isinstance(formats, str):
         formats = [f for f in formats.split(",") if f.strip()]
     formats = tuple(dict.fromkeys(f.strip() for f in formats))  # in order, once each
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in known]
     if unknown:
+        vit_only = [f for f in unknown if f in VIT_FORMATS]
+        if vit_only and len(vit_only) == len(unknown):
+            raise ExportError(f"export format {', '.join(map(repr, vit_only))} in {field_name} is for ViTs only; "
+                              f"this model's formats: {', '.join(known)}.")
         raise ExportError(f"unknown export format {', '.join(map(repr, unknown))} in {field_name}; "
-                          f"known formats: {', '.join(FORMATS)}.")
+                          f"known formats: {', '.join(VIT_FORMATS)} (timm for ViTs only).")
     return formats
+
+
+def known_formats(info: "ModelInfo") -> tuple[str, ...]:
+    return VIT_FORMATS if info.architecture == VIT else FORMATS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +185,12 @@ def check_formats(formats: Iterable[str], field_name: str = "formats") -> tuple[
 
 def build_student(info: ModelInfo):
     """The float32 eval-mode Flax module of `info` (no cross-device BatchNorm)."""
-    from remem_jax.models import efficientnet_v2, students
+    from remem_jax.models import efficientnet_v2, students, vit
+    if info.architecture == VIT:
+        try:
+            return vit.VisionTransformer(num_classes=info.num_classes or None, **info.kwargs)
+        except TypeError as e:
+            raise ExportError(f"bad VisionTransformer arguments {info.kwargs}: {e}") from e
     if info.architecture not in students.STUDENTS:
         raise ExportError(f"unknown student architecture {info.architecture!r}; known: {', '.join(students.STUDENTS)}.")
     kwargs = dict(info.kwargs)
@@ -191,8 +219,13 @@ def load_student(path: str, info: Optional[ModelInfo] = None) -> tuple[ModelInfo
         raise ExportError(f"{path!r} does not exist; pass a student npz or the folder holding student.npz and "
                           "model.json (e.g. WORKDIR/best_student).")
     npz = os.path.join(path, STUDENT_NPZ) if files.is_dir(path) else path
+    if info is None and not files.exists(os.path.join(os.path.dirname(npz), MODEL_JSON)) and is_vit_npz(npz):
+        info = vit_model_info(npz)
     if info is None:
         info = read_model_info(os.path.dirname(npz))
+    if info.architecture == VIT:
+        ckpt = checkpoints.read_vit(npz)
+        return info, {"params": checkpoints.load_into(build_student(info), ckpt, image_size=info.image_size)}, npz
     variables = tree.unflatten_params(checkpoints.load_npz(npz))
     model = build_student(info)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
@@ -200,6 +233,27 @@ def load_student(path: str, info: Optional[ModelInfo] = None) -> tuple[ModelInfo
     tree.check_params_match(variables, dict(shapes), f"{npz} (as {info.architecture}, {info.num_classes} classes)",
                             error=ExportError)
     return info, variables, npz
+
+
+def is_vit_npz(npz: str) -> bool:
+    """Whether `npz` holds a ViT in the AugReg layout (its patch embedding, `embedding/kernel`)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(files.gfile().GFile(npz, "rb") if files.is_remote(npz) else npz) as z:
+            return "embedding/kernel.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def vit_model_info(npz: str, class_names: Optional[list] = None, dataset: Optional[str] = None) -> ModelInfo:
+    """The ModelInfo of a ViT npz, read from the file: architecture, head, resolution, and both numeric
+    options written out (the AugReg defaults included), so model.json says how the model computes."""
+    from remem_jax import checkpoints
+    from remem_jax.models import vit
+    ckpt = checkpoints.read_vit(npz)
+    names = class_names if class_names is not None else [f"class_{i}" for i in range(ckpt.num_classes)]
+    return ModelInfo(architecture=VIT, num_classes=ckpt.num_classes, image_size=ckpt.image_size,
+                     class_names=list(names), kwargs={**vit.NUMERIC_OPTIONS, **ckpt.architecture}, dataset=dataset)
 
 
 def _cpu():
@@ -284,6 +338,16 @@ def _quiet_tensorflow():
         logger.setLevel(level)
 
 
+def export_timm(model, variables, info: ModelInfo, directory: str) -> None:
+    """Writes the ViT `model` as a timm folder (`timm_export.write_timm`) to local `directory`."""
+    from remem_jax import timm_export, tree
+    if info.architecture != VIT:
+        raise ExportError(f"the timm format is for ViTs; this student is a {info.architecture}.")
+    flat = {k: np.asarray(v) for k, v in tree.flatten_params(variables["params"]).items()}
+    architecture = {**info.kwargs, **{k: getattr(model, k) for k in ("approximate_gelu", "layernorm_epsilon")}}
+    timm_export.write_timm(directory, flat, architecture, info.image_size, info.num_classes, info.class_names)
+
+
 def export_tflite(saved_model_dir: str) -> bytes:
     """The TFLite flatbuffer of the SavedModel's `serving_default`, builtin ops only."""
     tf = _tf()
@@ -312,8 +376,10 @@ def load_runner(fmt: str, directory: str) -> Callable[[np.ndarray], np.ndarray]:
     Raises:
       ExportError: an unknown format, a missing file, or a file that is not what it claims.
     """
-    check_formats([fmt], "format")
+    check_formats([fmt], "format", VIT_FORMATS)
     path = os.path.join(directory, FILES[fmt])
+    if fmt == "timm":
+        return _timm_runner(path)
     if fmt == "savedmodel":
         loaded = load_savedmodel(path)
         serve = loaded.signatures["serving_default"]
@@ -339,6 +405,20 @@ def load_runner(fmt: str, directory: str) -> Callable[[np.ndarray], np.ndarray]:
     except Exception as e:
         raise ExportError(f"{path!r} is not a valid TFLite model ({type(e).__name__}: {_first_line(e)}).") from e
     return lambda images: np.asarray(runner(images=np.asarray(images, np.float32))["logits"])
+
+
+def _timm_runner(path: str, drop_head: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """The timm folder at `path` run by `timm_export.timm_forward` (NHWC in, as the other runners);
+    `drop_head`: its pre-head features (the normed class token) instead of logits."""
+    from remem_jax import timm_export
+    try:
+        state, model_args, eps = timm_export.read_timm(path)
+    except Exception as e:  # noqa: BLE001 - a missing or damaged file, whatever the library raises
+        raise ExportError(f"{path!r} is not a readable timm folder ({type(e).__name__}: {_first_line(e)}).") from e
+    if drop_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return lambda images: timm_export.timm_forward(
+        state, model_args, np.asarray(images, np.float32).transpose(0, 3, 1, 2), eps).astype(np.float32)
 
 
 def load_savedmodel(path: str):
@@ -436,6 +516,13 @@ def _verify_uint8_signature(loaded, reference_fn: Callable, images: np.ndarray, 
     return {"max_abs_diff": max(result.values()), "max_abs_diff_by_input": result}
 
 
+def _verify_timm_features(model, variables, directory: str, images: np.ndarray) -> float:
+    """max |difference| of the written timm folder's pre-head features (normed CLS) and the Flax model's."""
+    features = _timm_runner(os.path.join(directory, FILES["timm"]), drop_head=True)(images)
+    params = {k: v for k, v in variables["params"].items() if k != "head"}
+    return _max_abs(flax_logits(model.clone(num_classes=None), {"params": params}, images), features)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -486,7 +573,7 @@ def export_model(model, variables, info: ModelInfo, out_dir: str, *, images: np.
       VerificationError: some format's outputs differ by more than `tolerance` (the other
         formats and both json files are still written).
     """
-    formats = check_formats(formats)
+    formats = check_formats(formats, known=known_formats(info))
     images = np.asarray(images, np.float32)
     s = info.image_size
     if images.ndim != 4 or images.shape[1:] != (s, s, 3) or len(images) == 0:
@@ -514,6 +601,8 @@ def export_model(model, variables, info: ModelInfo, out_dir: str, *, images: np.
             elif fmt == "tflite":
                 with open(os.path.join(scratch, FILES[fmt]), "wb") as f:
                     f.write(export_tflite(os.path.join(scratch, FILES["savedmodel"])))
+            elif fmt == "timm":
+                export_timm(model, variables, info, os.path.join(scratch, FILES[fmt]))
             seconds = time.perf_counter() - t + (savedmodel_seconds if fmt == "savedmodel" else 0.0)
             t = time.perf_counter()
             run = load_runner(fmt, scratch)
@@ -521,13 +610,16 @@ def export_model(model, variables, info: ModelInfo, out_dir: str, *, images: np.
             if fmt == "savedmodel":
                 entry["serving_uint8"] = _verify_uint8_signature(run.loaded, reference_fn, images, s)
                 entry["max_abs_diff"] = max(entry["max_abs_diff"], entry["serving_uint8"]["max_abs_diff"])
+            if fmt == "timm":  # the features too: a zero head (a fresh TinyMIM student's) hides every other weight
+                entry["features_max_abs_diff"] = _verify_timm_features(model, variables, scratch, images)
+                entry["max_abs_diff"] = max(entry["max_abs_diff"], entry["features_max_abs_diff"])
             entry.update(file=FILES[fmt], passed=bool(entry["max_abs_diff"] <= tolerance),
                          export_seconds=round(seconds, 2), verify_seconds=round(time.perf_counter() - t, 2))
             record["formats"][fmt] = entry
             dst = os.path.join(out_dir, FILES[fmt])
             if entry["passed"]:
                 src = os.path.join(scratch, FILES[fmt])
-                _publish_tree(src, dst) if fmt == "savedmodel" else _publish_file(src, dst)
+                _publish_tree(src, dst) if fmt in ("savedmodel", "timm") else _publish_file(src, dst)
                 verified[fmt] = FILES[fmt]
             else:  # an older export there is not of this student: no stale file may pass for it
                 _remove(dst)
@@ -566,8 +658,8 @@ def export_student(student: str, out_dir: Optional[str] = None, *, formats: Sequ
     Returns:
       The verification record.
     """
-    formats = check_formats(formats)
     info, variables, npz = load_student(student, info)
+    formats = check_formats(formats, known=known_formats(info))
     out_dir = out_dir or os.path.dirname(npz)
     sha = _sha256(files.read_bytes(npz))
     if reuse and out_dir == os.path.dirname(npz):
@@ -579,14 +671,20 @@ def export_student(student: str, out_dir: Optional[str] = None, *, formats: Sequ
         if data_config is None:  # a student inside a workdir: the run's own config (WORKDIR/config.json)
             data_config, dataset = _run_config_data(os.path.dirname(npz), dataset)
         dataset = dataset or info.dataset
-        if data_config is None or dataset is None:
-            raise ExportError(f"verification needs images: pass --images=..., or --config=... (the run's config, "
-                              f"for its eval split); {os.path.dirname(npz)!r} is not in a workdir with a config.json.")
-        if data_config.image_size != info.image_size:
-            raise ExportError(f"the config's data.image_size {data_config.image_size} is not the student's "
-                              f"image_size {info.image_size} (model.json).")
-        images = eval_images(data_config, dataset, num_images)
-        source = f"the first {len(images)} images of the {dataset!r} eval pipeline"
+        if (data_config is None or dataset is None) and info.architecture == VIT:
+            images = np.random.default_rng(0).uniform(-1, 1, (num_images, info.image_size, info.image_size, 3))
+            source = (f"{num_images} seeded uniform random images in [-1, 1] (a ViT given no --images and no "
+                      "--config: the check is of the conversion, which random inputs exercise fully)")
+        else:
+            if data_config is None or dataset is None:
+                raise ExportError(f"verification needs images: pass --images=..., or --config=... (the run's config, "
+                                  f"for its eval split); {os.path.dirname(npz)!r} is not in a workdir with a "
+                                  "config.json.")
+            if data_config.image_size != info.image_size:
+                raise ExportError(f"the config's data.image_size {data_config.image_size} is not the student's "
+                                  f"image_size {info.image_size} (model.json).")
+            images = eval_images(data_config, dataset, num_images)
+            source = f"the first {len(images)} images of the {dataset!r} eval pipeline"
     else:
         source = f"{len(images)} images passed in"
     return export_model(build_student(info), variables, info, out_dir, images=images, formats=formats,
@@ -649,7 +747,9 @@ def _flags():
         "student": flags.DEFINE_string("student", None, "A student npz, or a directory holding student.npz "
                                        "(and model.json), e.g. WORKDIR/best_student."),
         "out": flags.DEFINE_string("out", None, "Output directory (default: the student's directory)."),
-        "formats": flags.DEFINE_list("formats", list(FORMATS), f"Formats to export: any of {', '.join(FORMATS)}."),
+        "formats": flags.DEFINE_list("formats", list(FORMATS), f"Formats to export: any of {', '.join(FORMATS)}; "
+                                     "for a ViT also 'timm' (a folder timm.create_model('local-dir:...') loads)."),
+        "format": flags.DEFINE_alias("format", "formats"),
         "images": flags.DEFINE_string("images", None, "Image file, directory or glob to verify on (default: "
                                       "the dataset's eval images)."),
         "num_images": flags.DEFINE_integer("num_images", NUM_VERIFY_IMAGES, "Eval images to verify on."),
@@ -664,15 +764,23 @@ def main(argv, flag_values) -> None:
     if not files.exists(student):
         raise ExportError(f"--student {student!r} does not exist; pass a student npz or the folder holding "
                           "student.npz and model.json (e.g. WORKDIR/best_student).")
-    formats = check_formats(flag_values["formats"].value, "--formats")
+    formats = check_formats(flag_values["formats"].value, "--formats", known=VIT_FORMATS)
     student_dir = _student_dir(student)
+    npz = os.path.join(student, STUDENT_NPZ) if files.is_dir(student) else student
+    has_info = files.exists(os.path.join(student_dir, MODEL_JSON))  # model.json, where there is one, wins
     config = flag_values["config"].value
     info, data_config, dataset = None, None, None
+    if not has_info and is_vit_npz(npz):
+        info = vit_model_info(npz)
     if config is not None:
-        from remem_jax.data import pipeline
+        from remem_jax.data import class_names, pipeline
         data_config, dataset = config.data, config.dataset
-        if not files.exists(os.path.join(student_dir, MODEL_JSON)):  # model.json, where there is one, wins
-            info = model_info_from_config(config, pipeline.get_num_classes(config.data, config.dataset))
+        num_classes = pipeline.get_num_classes(config.data, config.dataset)
+        if info is not None and info.num_classes == num_classes:  # a ViT with the config's head: its class names
+            info = dataclasses.replace(info, dataset=dataset, class_names=class_names.class_names(
+                config.data, config.dataset, num_classes))
+        elif not has_info and info is None:
+            info = model_info_from_config(config, num_classes)
     images = None
     if flag_values["images"].value:
         paths = expand_image_paths(flag_values["images"].value)

@@ -44,6 +44,7 @@ RESULT_NEUTRAL_FIELDS = (
     "data.data_dir",         # where the same prepared TFDS data lives
     "data.manual_dir",       # where the same manual downloads live
     "teacher.cache_dir",     # where the same remote checkpoint is cached
+    "vit_export_formats",    # extra serving copies of the saved ViTs; the npz files are unchanged
 )
 
 _ABSENT = "<absent>"

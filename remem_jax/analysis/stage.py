@@ -62,8 +62,17 @@ def parse_tools(value: str) -> list[str]:
 
 
 def _label_of(path: str) -> str:
-    base = os.path.basename(path.rstrip("/"))
-    return base[:-4] if base.endswith(".npz") else base
+    """A checkpoint's name in the tables: the file name without its extension; a hub file's folder name
+    when the file has the generic name (`.../vit-b16/model.safetensors` -> `vit-b16`)."""
+    from remem_jax import hub_checkpoints
+    path = path.rstrip("/")
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    if ext.lower() in (".npz",) + hub_checkpoints.EXTENSIONS:
+        base = stem
+    if base in {os.path.splitext(n)[0] for n in hub_checkpoints.WEIGHT_FILES} and os.path.dirname(path):
+        return os.path.basename(os.path.dirname(path))
+    return base
 
 
 def analysis_checkpoints(ctx: common.RunContext) -> list[dict]:

@@ -67,6 +67,9 @@ POSEMB_KINDS = ("learned", "sincos2d")
 INIT_STYLES = ("vit", "mae")
 ATTENTION_IMPLS = ("auto", "fused", "explicit")
 LAYERNORM_EPSILON = 1e-6
+# The model options that follow the checkpoint a ViT came from, not the run's config, with their
+# AugReg (vit_jax) defaults: a timm or Hugging Face file sets them, and a saved npz keeps them.
+NUMERIC_OPTIONS: dict[str, Any] = {"approximate_gelu": True, "layernorm_epsilon": LAYERNORM_EPSILON}
 
 
 def variant_config(name: str) -> dict[str, int]:
@@ -322,9 +325,9 @@ class Adapter(nn.Module):
                             kernel_init=nn.initializers.zeros)(h)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
+def _layer_norm(name: str, epsilon: float) -> nn.LayerNorm:
     # Statistics in float32 even under a bfloat16 compute dtype.
-    return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=jnp.float32, name=name)
+    return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, name=name)
 
 
 class Encoder1DBlock(nn.Module):
@@ -345,6 +348,7 @@ class Encoder1DBlock(nn.Module):
     init_style: str = "vit"
     qkv_only: bool = False  # compute LayerNorm_0 and q/k/v only (sown), return the input
     attention_impl: str = "auto"
+    layernorm_epsilon: float = LAYERNORM_EPSILON
 
     def _residual(self, stream, branch, weight):
         if weight == 1.0:  # Keeps the default model bit-identical to the plain one.
@@ -358,14 +362,14 @@ class Encoder1DBlock(nn.Module):
         if self.qkv_only:
             if self.skip_attn:
                 raise ValueError("qkv_only needs the block's attention, but it is pruned.")
-            y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+            y = _layer_norm("LayerNorm_0", self.layernorm_epsilon)(x).astype(self.dtype)
             MultiHeadSelfAttention(self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
                                    qkv_only=True, attention_impl=self.attention_impl,
                                    name="MultiHeadDotProductAttention_1")(
                                        y, deterministic=deterministic)
             return x
         if not self.skip_attn:
-            y = _layer_norm("LayerNorm_0")(x).astype(self.dtype)
+            y = _layer_norm("LayerNorm_0", self.layernorm_epsilon)(x).astype(self.dtype)
             y = MultiHeadSelfAttention(
                 self.num_heads, self.attention_dropout_rate, self.dtype, self.init_style,
                 attention_impl=self.attention_impl, name="MultiHeadDotProductAttention_1")(y, deterministic=deterministic)
@@ -374,7 +378,7 @@ class Encoder1DBlock(nn.Module):
                 y = Adapter(self.adapter_dim, self.dtype, name="Adapter_attn")(y)
             x = self._residual(x, drop_path(y, deterministic=deterministic), self.attn_beta)
         if not self.skip_mlp:
-            y = _layer_norm("LayerNorm_2")(x).astype(self.dtype)
+            y = _layer_norm("LayerNorm_2", self.layernorm_epsilon)(x).astype(self.dtype)
             y = MlpBlock(self.mlp_dim, self.dropout_rate, self.approximate_gelu, self.dtype, self.init_style,
                          name="MlpBlock_3")(y, deterministic=deterministic)
             if self.adapter_dim:
@@ -436,6 +440,7 @@ class Encoder(nn.Module):
     qkv_only_block: Optional[int] = None
     attention_impl: str = "auto"
     remat_blocks: bool = False
+    layernorm_epsilon: float = LAYERNORM_EPSILON
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -459,11 +464,11 @@ class Encoder(nn.Module):
                 adapter_dim=self.adapter_dim, dtype=self.dtype,
                 drop_path_rate=self.drop_path_rate[i] if self.drop_path_rate else 0.0,
                 init_style=self.init_style, qkv_only=i == self.qkv_only_block,
-                attention_impl=self.attention_impl,
+                attention_impl=self.attention_impl, layernorm_epsilon=self.layernorm_epsilon,
                 name=f"encoderblock_{i}")(x, deterministic)
             if i == self.qkv_only_block:
                 return x
-        encoded = _layer_norm("encoder_norm")(x)
+        encoded = _layer_norm("encoder_norm", self.layernorm_epsilon)(x)
         self.sow("tokens", "encoded", encoded)
         return encoded
 
@@ -478,8 +483,10 @@ class VisionTransformer(nn.Module):
       representation_size: width of the `pre_logits` Dense+tanh layer of the
         original 2020 checkpoints; None (AugReg) for none.
       dropout_rate, attention_dropout_rate: dropout (0 in AugReg fine-tuning).
-      approximate_gelu: tanh GELU (True, what the checkpoints were trained with)
-        or the exact erf form.
+      approximate_gelu: tanh GELU (True, what the AugReg checkpoints were trained with)
+        or the exact erf form (timm and Hugging Face ViTs).
+      layernorm_epsilon: epsilon of every LayerNorm (1e-6 as vit_jax and timm; Hugging Face
+        configs carry their own, 1e-12 by default).
       mlp_alpha, attn_beta: ReMem branch weights, a number or one per block.
       residual_mode: `'two_minus'` (residual factor 2 - w) or `'inverse'` (1 / w).
       prune_attn, prune_mlp: indices of blocks whose branch is removed.
@@ -500,6 +507,8 @@ class VisionTransformer(nn.Module):
         and q/k/v requests always take the written-out path.
       remat_blocks: rematerialise each block in the backward pass (`nn.remat`): activation
         memory of one block instead of all, for about one extra forward pass.
+      (`approximate_gelu` and `layernorm_epsilon` are the numeric options a checkpoint carries:
+      see `NUMERIC_OPTIONS`.)
 
     A `lora` variable collection (`surgery.lora_variables`) adds factored LoRA terms to the
     block projections: `model.apply({'params': base, 'lora': factors}, images)`.
@@ -528,6 +537,7 @@ class VisionTransformer(nn.Module):
     qkv_only_block: Optional[int] = None
     attention_impl: str = "auto"
     remat_blocks: bool = False
+    layernorm_epsilon: float = LAYERNORM_EPSILON
 
     def _check_config(self):
         if self.residual_mode not in RESIDUAL_MODES:
@@ -576,7 +586,7 @@ class VisionTransformer(nn.Module):
             drop_path_rate=per_block_rates(self.drop_path_rate, self.num_layers, "drop_path_rate"),
             last_block_heads=self.last_block_heads, posemb=self.posemb, init_style=self.init_style,
             qkv_only_block=self.qkv_only_block, attention_impl=self.attention_impl,
-            remat_blocks=self.remat_blocks,
+            remat_blocks=self.remat_blocks, layernorm_epsilon=self.layernorm_epsilon,
             name="Transformer")(x, deterministic=not train)
         if self.qkv_only_block is not None:
             return x.astype(jnp.float32)
@@ -599,6 +609,12 @@ def create_vit(variant: str, num_classes: Optional[int], **overrides) -> VisionT
     if unknown:
         raise TypeError(f"Unknown VisionTransformer fields {unknown}; known: {sorted(fields)}.")
     return VisionTransformer(num_classes=num_classes, **{**variant_config(variant), **overrides})
+
+
+def numeric_options(model: VisionTransformer) -> dict[str, Any]:
+    """The model's `NUMERIC_OPTIONS` that differ from the AugReg defaults (empty for an AugReg ViT)."""
+    return {name: getattr(model, name) for name, default in NUMERIC_OPTIONS.items()
+            if getattr(model, name) != default}
 
 
 def param_shapes(model: VisionTransformer, image_size: int) -> dict[str, Any]:

@@ -59,10 +59,26 @@ def write_json(path: str, value: Any) -> None:
         files.write_json(path, value)
 
 
-def save_params(path: str, params: Any) -> None:
-    """Saves a parameter tree as a flat npz (AugReg layout); process 0 only."""
+def save_params(path: str, params: Any, options: Optional[dict] = None) -> None:
+    """Saves a parameter tree as a flat npz (AugReg layout); process 0 only.
+
+    `options`: a ViT's `vit.numeric_options(model)`, kept in the file (see `checkpoints.save_augreg`).
+    """
     if is_chief():
-        checkpoints.save_augreg(path, params)
+        checkpoints.save_augreg(path, params, options)
+
+
+def save_vit(ctx: RunContext, path: str, params: Any, model) -> None:
+    """Saves a ViT a stage hands on (an AugReg npz with the model's numeric options) and, when
+    `config.vit_export_formats` names formats, exports it in them, verified on the run's eval images,
+    to `<path without .npz>_export/` (`export.export_student`); process 0 only."""
+    from remem_jax import export
+    from remem_jax.models import vit
+    save_params(path, params, vit.numeric_options(model))
+    formats = tuple(ctx.config.get("vit_export_formats", ()))
+    if formats and is_chief():
+        export.export_student(path, os.path.splitext(path)[0] + "_export", formats=formats,
+                              data_config=ctx.config.data, dataset=ctx.config.dataset)
 
 
 def warmup_steps(configured: Optional[int], total_steps: int, default_fraction: Optional[float] = None) -> int:

@@ -36,7 +36,7 @@ def pretrain_teacher(ctx: common.RunContext) -> stages.StageOutput:
         setup = vit_finetune.TrainableViT(model, params, {}, surgery.merge_partitions)
         final, history = vit_finetune.train_classifier(sub, setup, p, steps=p.steps, sam_rho=0.0,
                                                        sync_perturbations=False, accum_steps=1, seed_name="pretrain")
-        common.save_params(out, setup.combine(final.params, final.frozen))
+        common.save_vit(ctx, out, setup.combine(final.params, final.frozen), model)
         return sub.commit({"checkpoint": out, "variant": p.variant, "num_params": tree.param_count(final.params),
                            "eval": history[-1]}, metrics=("eval",))
 
@@ -78,7 +78,7 @@ def setting_hyperparameters(f, setting: str) -> dict:
     raise errors.UserError(f"config.finetune.settings: unknown setting {setting!r}; use {SETTINGS}.")
 
 
-def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None:
+def export_teacher(ctx: common.RunContext, params: Any, model: vit.VisionTransformer, path: str) -> None:
     """Saves a fine-tuned teacher as a plain AugReg npz: reweighting folded into the weights.
 
     The folded file is an ordinary ViT (adapters, if any, are kept and folded too)
@@ -86,7 +86,7 @@ def export_teacher(params: Any, model: vit.VisionTransformer, path: str) -> None
     """
     params = surgery.fold_reweighting(params, mlp_alpha=model.mlp_alpha, attn_beta=model.attn_beta,
                                       residual_mode=model.residual_mode, num_layers=model.num_layers)
-    common.save_params(path, params)
+    common.save_vit(ctx, path, params, model)
 
 
 def finetune_model(f, ckpt: checkpoints.VitFile, num_classes: int, hp: dict) -> vit.VisionTransformer:
@@ -116,7 +116,7 @@ def finetune_setting(ctx: common.RunContext, setting: str) -> dict:
 
         def on_keep(step, host_state, record):
             path = handoff.kept_teacher_path(ctx, setting, step)
-            export_teacher(setup.combine(host_state.params, host_state.frozen), model, path)
+            export_teacher(ctx, setup.combine(host_state.params, host_state.frozen), model, path)
             kept[str(step)] = {"setting": setting, "step": step, "checkpoint": path,
                                **{k: v for k, v in record.items() if k != "step"}}
             common.write_json(kept_json, kept)

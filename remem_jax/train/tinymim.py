@@ -339,7 +339,7 @@ def distill_run(setup: DistillSetup, spec: RunSpec) -> dict:
                                    make_train_iterator=make_iter, evaluate=evaluate)
         student_params = surgery.merge_partitions(final.params["student"], student_frozen)
         out = os.path.join(run_dir, "student.npz")
-        common.save_params(out, export_tree(setup.student, student_params, size, ctx.num_classes))
+        common.save_vit(ctx, out, export_tree(setup.student, student_params, size, ctx.num_classes), setup.student)
         return sub.commit({
             "name": spec.name, "target": spec.target, "teacher_block": spec.teacher_block,
             "teacher_layers": setup.teacher[0].num_layers, "student": t.student,
@@ -381,8 +381,8 @@ def scratch_checkpoint(ctx: common.RunContext, setup: DistillSetup) -> str:
     """The scratch student: the distillation students' architecture and init, saved like them."""
     path = os.path.join(handoff.tinymim_run_dir(ctx, SCRATCH), "student.npz")
     if not files.exists(path):
-        common.save_params(path, export_tree(setup.student, setup.student_init, ctx.config.data.image_size,
-                                             ctx.num_classes))
+        common.save_vit(ctx, path, export_tree(setup.student, setup.student_init, ctx.config.data.image_size,
+                                               ctx.num_classes), setup.student)
     # Process 0 wrote it; every host reads it.
     multihost_utils.sync_global_devices("finetune_student: scratch student written")
     return path

@@ -189,7 +189,7 @@ def distill_variant(ctx: common.RunContext, variant: str, teacher: vit.VisionTra
                                         log_every=w.log_every, eval_every=0, checkpoint_every=w.checkpoint_every),
             evaluate=evaluator)
         out = handoff.fewshot_student_path(ctx, variant)
-        common.save_params(out, setup.combine(final.params, final.frozen["student"]))  # LoRA merged
+        common.save_vit(ctx, out, setup.combine(final.params, final.frozen["student"]), setup.model)  # LoRA merged
         return sub.commit({
             "variant": variant, "description": spec.description, "d": w.d, "student_blocks": setup.model.num_layers,
             "lora_rank": w.lora_rank if spec.lora_targets else None, "lora_targets": spec.lora_targets,
