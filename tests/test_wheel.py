@@ -41,12 +41,14 @@ def venv(tmp_path_factory):
     _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], cwd=base)
     python = str(env_dir / "bin" / "python")
     site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=base).stdout.strip()
-    # The dependencies: this environment's site-packages, after the venv's own (a plain path line:
-    # the .pth files there, e.g. an editable install of remem_jax, are not read).
-    with open(os.path.join(site, "test_dependencies.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
     _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", str(wheel)],
          cwd=base)
+    # The dependencies: this environment's site-packages, after the venv's own (a plain path line:
+    # the .pth files there, e.g. an editable install of remem_jax, are not read). Written after the
+    # install: where this environment holds an installed remem_jax (CI installs `.[test]`, not
+    # editable), pip would otherwise find it there and install nothing.
+    with open(os.path.join(site, "test_dependencies.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
     outside = base / "elsewhere"
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
