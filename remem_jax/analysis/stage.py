@@ -130,8 +130,8 @@ class _Analyzer:
         step = self._eval_steps[model]
         result = evaluate.evaluate(step, jax_utils.replicate(params), self._eval_data)
         metric = self.ctx.metric
-        return {"metric": metric, metric: result[metric], "error": 1.0 - result[metric],
-                "num_examples": int(result.get("num_examples", 0))}
+        return {"metric": metric, metric: result[metric], f"{metric}_se": result[f"{metric}_se"],
+                "error": 1.0 - result[metric], "num_examples": int(result.get("num_examples", 0))}
 
     def mi(self, label: str, model, params, layers) -> list[dict]:
         train = features.layer_tokens(model, params, self.train_images, layers, batch_size=self.batch)
@@ -271,6 +271,7 @@ def markdown(results: list[dict], metric: str, plot_files: list[str]) -> str:
     for r in results:
         lines.append(f"| {r['label']} | {r['checkpoint']} | {metrics.format_accuracy(r['eval'], metric)} | "
                      f"{100 * r['eval']['error']:.2f} |")
+    lines += ["", metrics.STANDARD_ERROR_NOTE]
     if any("mi" in r for r in results):
         lines += ["", "## Mutual information (reconstruction decoder, held-out images)", "",
                   "Lower BCE / larger bound = more information about the input. Compare only rows of equal "
@@ -308,7 +309,7 @@ def markdown(results: list[dict], metric: str, plot_files: list[str]) -> str:
         for r in results:
             for p in r.get("pruning", []):
                 lines.append(f"| {r['label']} | {p['branch']} | {p['k']} | {'yes' if p['finetuned'] else 'no'} | "
-                             f"{100 * p[metric]:.2f} | {p['bce']:.4f} | {p['gaussian_bound_nats']:.1f} |")
+                             f"{metrics.format_accuracy(p, metric)} | {p['bce']:.4f} | {p['gaussian_bound_nats']:.1f} |")
     if plot_files:
         lines += ["", "## Plots", ""] + [f"- {os.path.basename(p)}" for p in plot_files]
     return "\n".join(lines) + "\n"
