@@ -97,12 +97,13 @@ def _run_seeds(config, workdir: str, table, allow_config_change: bool) -> dict:
     from remem_jax import workdir as workdir_lib
     from remem_jax.train import common, runs, seeds
 
-    per_seed = {}
-    for seed in seeds.seed_values(config):
-        logging.info("=== seed %d of %s ===", seed, seeds.seed_values(config))
+    per_seed, data = {}, {}  # the data is the same for every seed: checked and counted once
+    values = seeds.seed_values(config)
+    for seed in values:
+        logging.info("=== seed %d of %s ===", seed, values)
         seed_dir = seeds.seed_workdir(workdir, seed)
         workdir_lib.prepare(seed_dir, create=common.is_chief())
-        per_seed[seed] = _run_stages(seeds.seed_config(config, seed), seed_dir, table, allow_config_change)
+        per_seed[seed] = _run_stages(seeds.seed_config(config, seed), seed_dir, table, allow_config_change, data)
     results = {"config": config.to_dict(), "seeds": {str(s): r for s, r in per_seed.items()}}
     compared = [n for n in config.stages if table[n].compared is not None]
     for name in compared:
@@ -115,7 +116,9 @@ def _run_seeds(config, workdir: str, table, allow_config_change: bool) -> dict:
     return results
 
 
-def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
+def _run_stages(config, workdir: str, table, allow_config_change: bool, data=None) -> dict:
+    """The stages of `config` in `workdir`. `data`: a dict that holds the data checks' results once
+    made (shared by the runs of several seeds, whose data is the same); None: check here."""
     import jax
     from clu import metric_writers
     from jax.experimental import multihost_utils
@@ -131,8 +134,10 @@ def _run_stages(config, workdir: str, table, allow_config_change: bool) -> dict:
     results_path = os.path.join(workdir, runs.RESULTS_JSON)
     previous = files.read_json(results_path, default={})
     stages_lib.check_needs(config, table, finished=finished_stages(workdir, table, previous))
-    data_report = sources.check_ready(config.data, config.dataset)
-    data_records = _data_records(config, table)
+    data = {} if data is None else data
+    if not data:
+        data.update(report=sources.check_ready(config.data, config.dataset), records=_data_records(config, table))
+    data_report, data_records = data["report"], data["records"]
     if common.is_chief():
         for path in files.remove_stale_temporaries(workdir):
             logging.warning("Removed %s, left by an interrupted write.", path)

@@ -195,15 +195,13 @@ def load_row_model(ctx: common.RunContext, row: dict) -> tuple[vit.VisionTransfo
     ckpt = checkpoints.read_vit(row["checkpoint"], cache_dir=handoff.teacher_cache_dir(ctx))
     size, dtype = ctx.config.data.image_size, DTYPES[ctx.config.teacher.dtype]
     model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype)
-    params = checkpoints.load_into(model, ckpt, image_size=size)
-    if row["name"] in (COPY_ROW, RANDOM_ROW):
-        params = surgery.copy_every_dth_block(params, row["d"])
-        model = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype,
-                                      num_layers=surgery.student_depth(ckpt.architecture["num_layers"], row["d"]))
-    if row["name"] == RANDOM_ROW:
-        params = jax.jit(model.init)(ctx.rng(STAGE, RANDOM_ROW), jnp.zeros((1, size, size, 3), dtype))["params"]
-    return model, params
-
+    if row["name"] not in (COPY_ROW, RANDOM_ROW):
+        return model, checkpoints.load_into(model, ckpt, image_size=size)
+    student = checkpoints.build_vit(ckpt, num_classes=ckpt.num_classes, dtype=dtype,
+                                    num_layers=surgery.student_depth(ckpt.architecture["num_layers"], row["d"]))
+    if row["name"] == RANDOM_ROW:  # the architecture only: the teacher's weights are not read
+        return student, jax.jit(student.init)(ctx.rng(STAGE, RANDOM_ROW), jnp.zeros((1, size, size, 3), dtype))["params"]
+    return student, surgery.copy_every_dth_block(checkpoints.load_into(model, ckpt, image_size=size), row["d"])
 
 def probe_row(ctx: common.RunContext, row: dict, probe_config) -> dict:
     p = ctx.config.linear_probe
